@@ -1,0 +1,91 @@
+"""Fused GPO kernels (installed as ``gpo_fast.kernels``; the folder is ``kernels/`` in the repository).
+
+    sample_mse(pred, target) -> (N,) float32
+    gpo_loss(pred, target, ref_err, rewards, *, group_size, beta, objective="gpo") -> scalar float32
+
+Group members are contiguous along dim 0 (N = P * G). On CUDA tensors these run the Triton kernels;
+elsewhere the PyTorch reference in ``gpo_fast.objective``, or, when ``TRITON_INTERPRET=1`` was set
+before this module was imported, the same Triton kernels through Triton's interpreter (how CI tests
+them on a CPU). Both are differentiable with respect to ``pred`` only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gpo_fast import objective as _ref
+from gpo_fast.objective import DEFAULT_EPS_STD, DEFAULT_MIN_STD, OBJECTIVES
+
+try:  # triton exists on Linux only; elsewhere everything runs the reference
+    from .gpo import gpo_loss_triton
+    from .mse import INTERPRETED, sample_mse_triton
+
+    TRITON_AVAILABLE = True
+except ImportError:  # pragma: no cover - depends on the platform
+    TRITON_AVAILABLE = False
+    INTERPRETED = False
+
+__all__ = ["gpo_loss", "sample_mse", "uses_triton", "OBJECTIVES", "DEFAULT_EPS_STD", "DEFAULT_MIN_STD"]
+
+
+def uses_triton(t: torch.Tensor) -> bool:
+    """Whether the kernels run as Triton for a tensor on this device (natively or interpreted)."""
+    if not TRITON_AVAILABLE:
+        return False
+    return t.is_cuda or (INTERPRETED and t.device.type == "cpu")
+
+
+def sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean of (pred - target)^2 over all but dim 0: (N,) float32."""
+    if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise ValueError("pred and target must be torch.Tensors")
+    for name, t in (("pred", pred), ("target", target)):
+        if t.dtype not in _ref.KERNEL_DTYPES:
+            raise ValueError(f"{name} has unsupported dtype {t.dtype}; use float32, bfloat16 or float16")
+    if target.shape != pred.shape:
+        raise ValueError(f"target shape {tuple(target.shape)} does not match pred shape {tuple(pred.shape)}")
+    if target.device != pred.device:
+        raise ValueError(f"target is on {target.device} but pred is on {pred.device}")
+    if pred.dim() < 1 or pred.numel() == 0:
+        raise ValueError(f"pred must be non-empty with the batch on dim 0; got shape {tuple(pred.shape)}")
+    if uses_triton(pred):
+        return sample_mse_triton(pred, target)
+    return _ref.sample_mse(pred, target)
+
+
+def gpo_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    ref_err: torch.Tensor,
+    rewards: torch.Tensor,
+    *,
+    group_size: int,
+    beta: float,
+    objective: str = "gpo",
+    eps_std: float = DEFAULT_EPS_STD,
+    min_std: float = DEFAULT_MIN_STD,
+    return_policy_err: bool = False,
+):
+    """The GPO loss of ``shared/design/method.md``, a float32 scalar differentiable in ``pred``.
+
+    pred, target: (N, ...) float32 / bfloat16 / float16, the G members of each group contiguous.
+    ref_err:      (N,) the reference model's per-sample error (``sample_mse`` of its prediction).
+    rewards:      (N,) raw rewards; standardized per group inside the loss.
+    objective:    "gpo" (default), "gpo-pairs" or "dpo" (best vs worst of each group).
+    eps_std, min_std: the standardization's epsilon and the degenerate-group threshold.
+    return_policy_err: also return the policy's per-sample error e (N,), detached, for logging.
+    """
+    _ref.check_gpo_args(pred, target, ref_err, rewards, group_size, beta, objective, eps_std, min_std)
+    if uses_triton(pred):
+        loss, policy_err = gpo_loss_triton(
+            pred, target, ref_err, rewards, group_size=group_size, beta=beta,
+            objective=objective, eps_std=eps_std, min_std=min_std,
+        )
+    else:
+        policy_err = _ref.sample_mse(pred, target)
+        loss = _ref.loss_from_errors(
+            policy_err, ref_err, rewards, group_size=group_size, beta=beta,
+            objective=objective, eps_std=eps_std, min_std=min_std,
+        )
+        policy_err = policy_err.detach()
+    return (loss, policy_err) if return_policy_err else loss

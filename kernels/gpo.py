@@ -1,0 +1,152 @@
+"""The fused GPO loss: policy error, log-ratio, group standardization, loss and gradient coefficients.
+
+Forward, two launches (the group-wide reduction sits between them, method.md "Gradient"):
+  1. _sq_err_partials_kernel, grid (N, n_chunks): the one pass over pred and target; each program
+     writes the float32 partial sum of (pred - target)^2 of its chunk.
+  2. _gpo_finalize_kernel, one program: adds the partials of each sample in a fixed order (e = sum/D),
+     d = e - ref_err, standardizes the rewards of each group, computes every group's loss, the mean
+     over non-degenerate groups and the per-sample coefficients c = dL/dd. It reads N * n_chunks + 2N
+     floats: nothing beside the pass over pred and target.
+Backward, one launch: grad = c[n] * (2 / D) * (pred - target) * grad_output, in pred's dtype
+(_scaled_diff_kernel). Saved for backward: c (N floats), and pred and target, which exist anyway.
+
+No host synchronisation anywhere (no .item(), no branch on data in Python), so the loss can be captured
+in a CUDA graph; no atomics, so the result is bit-identical from run to run.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .mse import scaled_diff, squared_error_partials
+
+OBJECTIVE_IDS = {"gpo": 0, "gpo-pairs": 1, "dpo": 2}
+
+
+@triton.jit
+def _softplus(x):
+    # = -log(sigmoid(-x)); exp of -|x| only, so no overflow for large |x|
+    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _sigmoid(x):
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _gpo_finalize_kernel(
+    partial_ptr, ref_err_ptr, rewards_ptr, loss_ptr, coef_ptr, err_ptr,
+    P, NC, D, beta, eps_std, min_std,
+    G: tl.constexpr, OBJECTIVE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # every (group, member) as a 2-D tile: rows are groups, columns members
+    p = tl.arange(0, BLOCK_P)[:, None]
+    g = tl.arange(0, BLOCK_G)[None, :]
+    member = (p < P) & (g < G)
+    n = p * G + g
+
+    # policy error e[n]: the partial sums of the sample, added in a fixed order
+    acc = tl.zeros([BLOCK_P, BLOCK_G], dtype=tl.float32)
+    c3 = tl.arange(0, BLOCK_C)[None, None, :]
+    for c0 in range(0, NC, BLOCK_C):
+        mask = member[:, :, None] & (c0 + c3 < NC)
+        acc += tl.sum(tl.load(partial_ptr + n[:, :, None] * NC + c0 + c3, mask=mask, other=0.0), axis=2)
+    e = acc / D
+    f = tl.load(ref_err_ptr + n, mask=member, other=0.0).to(tl.float32)
+    r = tl.load(rewards_ptr + n, mask=member, other=0.0).to(tl.float32)
+    d = tl.where(member, e - f, 0.0)
+
+    # group standardization, population statistics; degenerate groups (std < min_std) drop out
+    mu = tl.sum(r, axis=1) / G
+    centered = tl.where(member, r - mu[:, None], 0.0)
+    std = tl.sqrt(tl.sum(centered * centered, axis=1) / G)
+    adv = centered / (std + eps_std)[:, None]
+    valid = (std >= min_std) & (tl.arange(0, BLOCK_P) < P)
+    n_valid = tl.maximum(tl.sum(valid.to(tl.float32), axis=0), 1.0)
+
+    if OBJECTIVE == 0:  # gpo: l(sum_i A_i d_i)
+        z = beta * tl.sum(tl.where(member, adv * d, 0.0), axis=1)
+        group_loss = _softplus(z)
+        dl_dd = (beta * _sigmoid(z))[:, None] * adv
+    elif OBJECTIVE == 1:  # gpo-pairs: sum over r_i > r_j of (A_i - A_j) l(d_i - d_j), normalised
+        better = member[:, :, None] & member[:, None, :] & (r[:, :, None] > r[:, None, :])
+        w = tl.where(better, adv[:, :, None] - adv[:, None, :], 0.0)
+        w_sum = tl.sum(tl.sum(w, axis=2), axis=1)
+        w_sum = tl.where(w_sum > 0, w_sum, 1.0)
+        zij = beta * (d[:, :, None] - d[:, None, :])
+        group_loss = tl.sum(tl.sum(w * _softplus(zij), axis=2), axis=1) / w_sum
+        m = w * (beta * _sigmoid(zij)) / w_sum[:, None, None]
+        dl_dd = tl.sum(m, axis=2) - tl.sum(m, axis=1)  # as the i of a pair, minus as its j
+    else:  # dpo: l(d_best - d_worst), lowest index on ties
+        r_max = tl.max(tl.where(member, r, float("-inf")), axis=1)
+        r_min = tl.min(tl.where(member, r, float("inf")), axis=1)
+        best = tl.min(tl.where(member & (r == r_max[:, None]), g, BLOCK_G), axis=1)
+        worst = tl.min(tl.where(member & (r == r_min[:, None]), g, BLOCK_G), axis=1)
+        is_best = g == best[:, None]
+        is_worst = g == worst[:, None]
+        z = beta * (tl.sum(tl.where(is_best, d, 0.0), axis=1) - tl.sum(tl.where(is_worst, d, 0.0), axis=1))
+        group_loss = _softplus(z)
+        dl_dd = (beta * _sigmoid(z))[:, None] * (is_best.to(tl.float32) - is_worst.to(tl.float32))
+
+    loss = tl.sum(tl.where(valid, group_loss, 0.0), axis=0) / n_valid
+    coef = tl.where(valid[:, None] & member, dl_dd / n_valid, 0.0)
+    tl.store(loss_ptr, loss)
+    tl.store(coef_ptr + n, coef, mask=member)
+    tl.store(err_ptr + n, e, mask=member)
+
+
+def gpo_forward(
+    pred2d: torch.Tensor, target2d: torch.Tensor, ref_err: torch.Tensor, rewards: torch.Tensor,
+    group_size: int, beta: float, objective: str, eps_std: float, min_std: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss (), c = dL/dd (N,), policy error e (N,)), float32, from contiguous (N, D) inputs."""
+    n, d = pred2d.shape
+    n_groups = n // group_size
+    partials = squared_error_partials(pred2d, target2d)
+    n_chunks = partials.shape[1]
+    loss = torch.empty((), device=pred2d.device, dtype=torch.float32)
+    coef = torch.empty(n, device=pred2d.device, dtype=torch.float32)
+    policy_err = torch.empty(n, device=pred2d.device, dtype=torch.float32)
+    block_p = triton.next_power_of_2(n_groups)
+    block_g = triton.next_power_of_2(group_size)
+    block_c = max(1, min(triton.next_power_of_2(n_chunks), 4096 // (block_p * block_g)))
+    _gpo_finalize_kernel[(1,)](
+        partials, ref_err, rewards, loss, coef, policy_err,
+        n_groups, n_chunks, d, float(beta), float(eps_std), float(min_std),
+        G=group_size, OBJECTIVE=OBJECTIVE_IDS[objective],
+        BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_C=block_c,
+        num_warps=4 if block_p * block_g <= 256 else 8,
+    )
+    return loss, coef, policy_err
+
+
+class _GPOLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pred, target, ref_err, rewards, group_size, beta, objective, eps_std, min_std):
+        n = pred.shape[0]
+        pred2d = pred.contiguous().view(n, -1)
+        target2d = target.contiguous().view(n, -1)
+        loss, coef, policy_err = gpo_forward(
+            pred2d, target2d, ref_err.contiguous(), rewards.contiguous(),
+            group_size, beta, objective, eps_std, min_std,
+        )
+        ctx.save_for_backward(pred2d, target2d, coef)
+        ctx.pred_shape = pred.shape
+        ctx.mark_non_differentiable(policy_err)
+        return loss, policy_err
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_policy_err):
+        pred2d, target2d, coef = ctx.saved_tensors
+        grad = scaled_diff(pred2d, target2d, coef, 2.0 / pred2d.shape[1], scalar_grad=grad_loss.contiguous())
+        return grad.view(ctx.pred_shape), None, None, None, None, None, None, None, None
+
+
+def gpo_loss_triton(pred, target, ref_err, rewards, *, group_size, beta, objective, eps_std, min_std):
+    """(loss, policy_err) from the Triton kernels; arguments already checked by the caller."""
+    return _GPOLoss.apply(pred, target, ref_err, rewards, group_size, beta, objective, eps_std, min_std)
