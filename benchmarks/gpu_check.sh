@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU check, for a machine with a CUDA GPU (about 8 minutes on an H100):
+#   1. the parity tests on CUDA (the Triton kernels compiled natively, against the PyTorch reference,
+#      CUDA-graph capture included),
+#   2. the kernel benchmark (benchmarks/bench_kernels.py: triton vs eager vs torch.compile).
+# Writes gpu_check.log, kernels.csv, the plots and the summary to $OUT when set, else to
+# benchmarks/results/. Commit what it wrote under benchmarks/results/ (the files carry the card's name).
+#
+# Packages the image lacks (diffusers, bitsandbytes for the step benchmark) may travel as wheels in
+# .whl/ (see the device README); they are installed to /tmp/site when present.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export OUT="${OUT:-$PWD/benchmarks/results}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+status=0
+{
+  echo "== gpu_check $(date -u +%FT%TZ) commit ${GPO_FAST_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+  fi
+  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || { echo "install failed"; exit 1; }
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  echo "== parity tests on CUDA"
+  timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_objective.py || status=1
+  echo "== kernel benchmark"
+  timeout 420 "$PY" benchmarks/bench_kernels.py || status=1
+  echo "== gpu_check done, status $status"
+  exit $status
+} 2>&1 | tee "$OUT/gpu_check.log"
+exit "${PIPESTATUS[0]}"
