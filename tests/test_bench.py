@@ -1,0 +1,44 @@
+"""The kernel benchmark's CPU behaviour and its summary arithmetic (the timings themselves need a GPU)."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "bench_kernels.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def test_without_a_gpu_it_says_so_and_exits_zero(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--out", str(tmp_path)],
+                         capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode == 0, out.stderr
+    assert "needs a CUDA GPU" in out.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing measured, nothing written
+
+
+def _rows():
+    rows = []
+    for n, (t, e, c) in {8: (1.0, 8.0, 1.5), 64: (2.0, 10.0, 2.0)}.items():
+        for prov, ms in (("triton", t), ("eager", e), ("compile", c)):
+            for mode in ("forward", "backward", "full"):
+                rows.append(dict(gpu="Test GPU", torch="x", triton="y", commit="abc", provider=prov, objective="gpo",
+                                 mode=mode, N=n, C=16, H=128, W=128, dtype="bfloat16", median_ms=str(ms),
+                                 p20_ms=str(ms), p80_ms=str(ms), peak_mb="1", gbps="1", frac_copy_bw="0.810"))
+    return rows
+
+
+def test_summary_reports_median_and_worst_speedup():
+    text = bench.summarize(_rows(), copy_bw=3000.0)
+    # vs eager: 8x and 5x -> median 6.5x, min 5x; vs compile: 1.5x and 1.0x -> median 1.25x, min 1.0x
+    assert "| gpo | bfloat16 | 6.50x (5.00x) | 1.25x (1.00x) |" in text
+    assert "- gpo bfloat16: 0.81" in text
+    assert "3000 GB/s" in text
+
+
+def test_plots_are_written(tmp_path):
+    bench.plot(_rows(), tmp_path, "Test-GPU")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "kernels-backward-Test-GPU.png", "kernels-forward-Test-GPU.png", "kernels-full-Test-GPU.png"]
