@@ -3,7 +3,7 @@
 Without CUDA these run the Triton kernels through the interpreter (conftest.py); with CUDA, natively.
 Tolerances: float32 inputs, loss rtol 1e-5 and gradient rtol 1e-4 (the kernels add in another order);
 bfloat16 inputs, the loss is computed in float32 from the same bf16 values (rtol 1e-5), and the
-gradient is rounded to bf16 by both sides (rtol 1.6e-2, one bf16 ulp).
+gradient is rounded to bf16 by both sides (rtol 1.6e-2, one bf16 ulp); float16 gradients rtol 1e-3.
 """
 
 import pytest
@@ -18,6 +18,7 @@ OBJECTIVES = ["gpo", "gpo-pairs", "dpo"]
 TOL = {
     torch.float32: dict(loss=dict(rtol=1e-5, atol=1e-6), grad=dict(rtol=1e-4, atol=1e-7)),
     torch.bfloat16: dict(loss=dict(rtol=1e-5, atol=1e-6), grad=dict(rtol=1.6e-2, atol=1e-6)),
+    torch.float16: dict(loss=dict(rtol=1e-5, atol=1e-6), grad=dict(rtol=1e-3, atol=1e-6)),
 }
 
 
@@ -163,7 +164,7 @@ def test_return_policy_err(kernel_device):
     assert not err.requires_grad
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(5, 3, 7, 5), (3, 16, 8, 8), (4,)])
 def test_sample_mse_parity_and_gradient(kernel_device, dtype, shape):
     g = torch.Generator().manual_seed(0)
@@ -252,3 +253,29 @@ def test_cuda_graph_capture_no_host_sync():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, eager) and torch.equal(pred.grad, eager_grad)
+
+
+def test_cpu_without_the_interpreter_runs_the_reference():
+    """Outside CUDA and TRITON_INTERPRET, gpo_loss and sample_mse are the PyTorch reference (and work)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, gpo_fast\n"
+        "from gpo_fast import kernels\n"
+        "from gpo_fast.objective import reference_gpo_loss\n"
+        "assert not kernels.uses_triton(torch.empty(1))\n"
+        "p = torch.randn(6, 3, 5, requires_grad=True); t = torch.randn(6, 3, 5)\n"
+        "f = torch.rand(6); r = torch.tensor([1., 0, 0, 1, 2, 3])\n"
+        "a = gpo_fast.gpo_loss(p, t, f, r, group_size=3, beta=2.0, objective='gpo-pairs')\n"
+        "b = reference_gpo_loss(p, t, f, r, group_size=3, beta=2.0, objective='gpo-pairs')\n"
+        "assert torch.equal(a, b), (a, b)\n"
+        "assert torch.equal(gpo_fast.sample_mse(p, t), ((p - t) ** 2).mean(dim=(1, 2)))\n"
+        "print('reference')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "reference"
