@@ -57,8 +57,9 @@ def standardize_rewards(
     mu = r.mean(dim=1, keepdim=True)
     centered = r - mu
     std = centered.pow(2).mean(dim=1, keepdim=True).sqrt()
-    advantages = centered / (std + eps_std)
     valid = std.squeeze(1) >= min_std
+    # zero in degenerate groups (with eps_std = 0 they would be 0/0, and NaN survives a masked backward)
+    advantages = torch.where(valid[:, None], centered / (std + eps_std), 0.0)
     return advantages, valid
 
 

@@ -20,15 +20,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .mse import scaled_diff, squared_error_partials
+from .mse import device_of, scaled_diff, squared_error_partials
 
 OBJECTIVE_IDS = {"gpo": 0, "gpo-pairs": 1, "dpo": 2}
 
 
 @triton.jit
 def _softplus(x):
-    # = -log(sigmoid(-x)); exp of -|x| only, so no overflow for large |x|
-    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+    # = -log(sigmoid(-x)) = max(x, 0) + log1p(exp(-|x|)); exp of -|x| only, so no overflow
+    e = tl.exp(-tl.abs(x))
+    log1p_e = tl.where(e < 1e-4, e - 0.5 * e * e, tl.log(1.0 + e))  # log1p, exact to float32 for small e
+    return tl.maximum(x, 0.0) + log1p_e
 
 
 @triton.jit
@@ -38,66 +40,89 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _standardize(rewards_ptr, n, member, is_group, G: tl.constexpr, eps_std, min_std):
+    """Rewards r, advantages A = (r - mean) / (std + eps_std) and the non-degenerate mask of a tile."""
+    r = tl.load(rewards_ptr + n, mask=member, other=0.0).to(tl.float32)
+    mu = tl.sum(r, axis=1) / G
+    centered = tl.where(member, r - mu[:, None], 0.0)
+    std = tl.sqrt(tl.sum(centered * centered, axis=1) / G)
+    valid = (std >= min_std) & is_group
+    # zero advantages in degenerate groups: with eps_std = 0 they would be 0/0
+    denom = tl.where(valid, std + eps_std, 1.0)
+    adv = tl.where(valid[:, None], centered / denom[:, None], 0.0)
+    return r, adv, valid
+
+
+@triton.jit
 def _gpo_finalize_kernel(
     partial_ptr, ref_err_ptr, rewards_ptr, loss_ptr, coef_ptr, err_ptr,
     P, NC, D, beta, eps_std, min_std,
     G: tl.constexpr, OBJECTIVE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # every (group, member) as a 2-D tile: rows are groups, columns members
-    p = tl.arange(0, BLOCK_P)[:, None]
+    # tiles of BLOCK_P groups x BLOCK_G members; the groups are walked in blocks so that the tiles
+    # (BLOCK_P * BLOCK_G^2 elements for gpo-pairs) stay small for any number of groups
     g = tl.arange(0, BLOCK_G)[None, :]
-    member = (p < P) & (g < G)
-    n = p * G + g
-
-    # policy error e[n]: the partial sums of the sample, added in a fixed order
-    acc = tl.zeros([BLOCK_P, BLOCK_G], dtype=tl.float32)
     c3 = tl.arange(0, BLOCK_C)[None, None, :]
-    for c0 in range(0, NC, BLOCK_C):
-        mask = member[:, :, None] & (c0 + c3 < NC)
-        acc += tl.sum(tl.load(partial_ptr + n[:, :, None] * NC + c0 + c3, mask=mask, other=0.0), axis=2)
-    e = acc / D
-    f = tl.load(ref_err_ptr + n, mask=member, other=0.0).to(tl.float32)
-    r = tl.load(rewards_ptr + n, mask=member, other=0.0).to(tl.float32)
-    d = tl.where(member, e - f, 0.0)
 
-    # group standardization, population statistics; degenerate groups (std < min_std) drop out
-    mu = tl.sum(r, axis=1) / G
-    centered = tl.where(member, r - mu[:, None], 0.0)
-    std = tl.sqrt(tl.sum(centered * centered, axis=1) / G)
-    adv = centered / (std + eps_std)[:, None]
-    valid = (std >= min_std) & (tl.arange(0, BLOCK_P) < P)
-    n_valid = tl.maximum(tl.sum(valid.to(tl.float32), axis=0), 1.0)
+    # pass 1: how many groups are non-degenerate (the loss is their mean); reads only the rewards
+    valid_count = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        member = (p[:, None] < P) & (g < G)
+        _, _, valid = _standardize(rewards_ptr, p[:, None] * G + g, member, p < P, G, eps_std, min_std)
+        valid_count += valid.to(tl.float32)
+    n_valid = tl.maximum(tl.sum(valid_count, axis=0), 1.0)
 
-    if OBJECTIVE == 0:  # gpo: l(sum_i A_i d_i)
-        z = beta * tl.sum(tl.where(member, adv * d, 0.0), axis=1)
-        group_loss = _softplus(z)
-        dl_dd = (beta * _sigmoid(z))[:, None] * adv
-    elif OBJECTIVE == 1:  # gpo-pairs: sum over r_i > r_j of (A_i - A_j) l(d_i - d_j), normalised
-        better = member[:, :, None] & member[:, None, :] & (r[:, :, None] > r[:, None, :])
-        w = tl.where(better, adv[:, :, None] - adv[:, None, :], 0.0)
-        w_sum = tl.sum(tl.sum(w, axis=2), axis=1)
-        w_sum = tl.where(w_sum > 0, w_sum, 1.0)
-        zij = beta * (d[:, :, None] - d[:, None, :])
-        group_loss = tl.sum(tl.sum(w * _softplus(zij), axis=2), axis=1) / w_sum
-        m = w * (beta * _sigmoid(zij)) / w_sum[:, None, None]
-        dl_dd = tl.sum(m, axis=2) - tl.sum(m, axis=1)  # as the i of a pair, minus as its j
-    else:  # dpo: l(d_best - d_worst), lowest index on ties
-        r_max = tl.max(tl.where(member, r, float("-inf")), axis=1)
-        r_min = tl.min(tl.where(member, r, float("inf")), axis=1)
-        best = tl.min(tl.where(member & (r == r_max[:, None]), g, BLOCK_G), axis=1)
-        worst = tl.min(tl.where(member & (r == r_min[:, None]), g, BLOCK_G), axis=1)
-        is_best = g == best[:, None]
-        is_worst = g == worst[:, None]
-        z = beta * (tl.sum(tl.where(is_best, d, 0.0), axis=1) - tl.sum(tl.where(is_worst, d, 0.0), axis=1))
-        group_loss = _softplus(z)
-        dl_dd = (beta * _sigmoid(z))[:, None] * (is_best.to(tl.float32) - is_worst.to(tl.float32))
+    # pass 2: errors, log-ratios, group losses and the coefficients c = dL/dd
+    loss_acc = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        member = (p[:, None] < P) & (g < G)
+        n = p[:, None] * G + g
 
-    loss = tl.sum(tl.where(valid, group_loss, 0.0), axis=0) / n_valid
-    coef = tl.where(valid[:, None] & member, dl_dd / n_valid, 0.0)
-    tl.store(loss_ptr, loss)
-    tl.store(coef_ptr + n, coef, mask=member)
-    tl.store(err_ptr + n, e, mask=member)
+        # policy error e[n]: the partial sums of the sample, added in a fixed order
+        acc = tl.zeros([BLOCK_P, BLOCK_G], dtype=tl.float32)
+        for c0 in range(0, NC, BLOCK_C):
+            mask = member[:, :, None] & (c0 + c3 < NC)
+            acc += tl.sum(tl.load(partial_ptr + n[:, :, None] * NC + c0 + c3, mask=mask, other=0.0), axis=2)
+        e = acc / D
+        f = tl.load(ref_err_ptr + n, mask=member, other=0.0).to(tl.float32)
+        d = tl.where(member, e - f, 0.0)
+        r, adv, valid = _standardize(rewards_ptr, n, member, p < P, G, eps_std, min_std)
+
+        if OBJECTIVE == 0:  # gpo: l(sum_i A_i d_i)
+            z = beta * tl.sum(adv * d, axis=1)
+            group_loss = _softplus(z)
+            dl_dd = (beta * _sigmoid(z))[:, None] * adv
+        elif OBJECTIVE == 1:  # gpo-pairs: sum over r_i > r_j of (A_i - A_j) l(d_i - d_j), normalised
+            better = member[:, :, None] & member[:, None, :] & (r[:, :, None] > r[:, None, :])
+            w = tl.where(better, adv[:, :, None] - adv[:, None, :], 0.0)
+            w_sum = tl.sum(tl.sum(w, axis=2), axis=1)
+            w_sum = tl.where(w_sum > 0, w_sum, 1.0)
+            zij = beta * (d[:, :, None] - d[:, None, :])
+            group_loss = tl.sum(tl.sum(w * _softplus(zij), axis=2), axis=1) / w_sum
+            m = w * (beta * _sigmoid(zij)) / w_sum[:, None, None]
+            dl_dd = tl.sum(m, axis=2) - tl.sum(m, axis=1)  # as the i of a pair, minus as its j
+        else:  # dpo: l(d_best - d_worst), lowest index on ties
+            r_max = tl.max(tl.where(member, r, float("-inf")), axis=1)
+            r_min = tl.min(tl.where(member, r, float("inf")), axis=1)
+            best = tl.min(tl.where(member & (r == r_max[:, None]), g, BLOCK_G), axis=1)
+            worst = tl.min(tl.where(member & (r == r_min[:, None]), g, BLOCK_G), axis=1)
+            is_best = g == best[:, None]
+            is_worst = g == worst[:, None]
+            z = beta * (tl.sum(tl.where(is_best, d, 0.0), axis=1) - tl.sum(tl.where(is_worst, d, 0.0), axis=1))
+            group_loss = _softplus(z)
+            dl_dd = (beta * _sigmoid(z))[:, None] * (is_best.to(tl.float32) - is_worst.to(tl.float32))
+
+        loss_acc += tl.where(valid, group_loss, 0.0)
+        tl.store(coef_ptr + n, tl.where(valid[:, None] & member, dl_dd / n_valid, 0.0), mask=member)
+        tl.store(err_ptr + n, e, mask=member)
+    tl.store(loss_ptr, tl.sum(loss_acc, axis=0) / n_valid)
+
+
+# Largest tile (elements) one finalize step holds; tests lower it to walk several group blocks.
+FINALIZE_TILE = 4096
 
 
 def gpo_forward(
@@ -112,9 +137,10 @@ def gpo_forward(
     loss = torch.empty((), device=pred2d.device, dtype=torch.float32)
     coef = torch.empty(n, device=pred2d.device, dtype=torch.float32)
     policy_err = torch.empty(n, device=pred2d.device, dtype=torch.float32)
-    block_p = triton.next_power_of_2(n_groups)
     block_g = triton.next_power_of_2(group_size)
-    block_c = max(1, min(triton.next_power_of_2(n_chunks), 4096 // (block_p * block_g)))
+    per_group = block_g * block_g if objective == "gpo-pairs" else block_g
+    block_p = max(1, min(triton.next_power_of_2(n_groups), FINALIZE_TILE // per_group))
+    block_c = max(1, min(triton.next_power_of_2(n_chunks), FINALIZE_TILE // (block_p * block_g)))
     _gpo_finalize_kernel[(1,)](
         partials, ref_err, rewards, loss, coef, policy_err,
         n_groups, n_chunks, d, float(beta), float(eps_std), float(min_std),
@@ -143,10 +169,12 @@ class _GPOLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_policy_err):
         pred2d, target2d, coef = ctx.saved_tensors
+        # autograd's engine runs CUDA backward on a thread already set to the tensors' device
         grad = scaled_diff(pred2d, target2d, coef, 2.0 / pred2d.shape[1], scalar_grad=grad_loss.contiguous())
         return grad.view(ctx.pred_shape), None, None, None, None, None, None, None, None
 
 
 def gpo_loss_triton(pred, target, ref_err, rewards, *, group_size, beta, objective, eps_std, min_std):
     """(loss, policy_err) from the Triton kernels; arguments already checked by the caller."""
-    return _GPOLoss.apply(pred, target, ref_err, rewards, group_size, beta, objective, eps_std, min_std)
+    with device_of(pred):  # Triton launches on the current CUDA device, not the tensor's
+        return _GPOLoss.apply(pred, target, ref_err, rewards, group_size, beta, objective, eps_std, min_std)

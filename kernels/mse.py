@@ -11,6 +11,7 @@ The backward (grad = scale[n] * (pred - target)) is shared with gpo_loss and liv
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -84,6 +85,11 @@ def _scaled_diff_kernel(
         tl.store(grad_ptr + base + idx, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
+def device_of(t: torch.Tensor):
+    """Launch on the tensor's GPU: Triton launches on the current CUDA device, not the tensor's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def launch_config(n: int, d: int) -> tuple[int, int, int, int]:
     """(chunk, block, n_chunks, num_warps) for a 2-D (row, chunk) grid over an (n, d) tensor.
 
@@ -151,11 +157,11 @@ class _SampleMSE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         pred2d, target2d = ctx.saved_tensors
-        d = pred2d.shape[1]
-        grad = scaled_diff(pred2d, target2d, grad_out, 2.0 / d)
+        grad = scaled_diff(pred2d, target2d, grad_out, 2.0 / pred2d.shape[1])
         return grad.view(ctx.pred_shape), None
 
 
 def sample_mse_triton(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The Triton per-sample MSE (differentiable in pred); see gpo_fast.kernels.sample_mse."""
-    return _SampleMSE.apply(pred, target)
+    with device_of(pred):  # Triton launches on the current CUDA device, not the tensor's
+        return _SampleMSE.apply(pred, target)

@@ -279,3 +279,38 @@ def test_cpu_without_the_interpreter_runs_the_reference():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "reference"
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_group_blocks_walked_in_the_finalize_kernel(kernel_device, objective, monkeypatch):
+    """More groups than one finalize tile holds: the kernel walks them in blocks, last one partial."""
+    from gpo_fast.kernels import gpo as gpo_module
+
+    monkeypatch.setattr(gpo_module, "FINALIZE_TILE", 64)  # gpo-pairs: 1 group per block; others: 16
+    batch = make_batch(4 * 20, (3, 5), torch.float32, kernel_device, seed=16)  # 20 groups of 4
+    batch["rewards"][8:12] = 0.5  # and a degenerate group in the middle
+    (k_loss, k_grad), (r_loss, r_grad) = _both(batch, group_size=4, beta=4.0, objective=objective)
+    torch.testing.assert_close(k_loss, r_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(k_grad, r_grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_eps_std_zero_degenerate_groups_stay_finite(kernel_device, objective):
+    batch = make_batch(8, (3, 7, 5), torch.float32, kernel_device, seed=17)
+    batch["rewards"][4:] = 1.0  # the second group is degenerate, std exactly 0
+    (k_loss, k_grad), (r_loss, r_grad) = _both(batch, group_size=4, beta=4.0, objective=objective, eps_std=0.0)
+    assert torch.isfinite(r_grad).all() and torch.isfinite(k_grad).all()
+    assert torch.equal(k_grad[4:], torch.zeros_like(k_grad[4:]))
+    torch.testing.assert_close(k_loss, r_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(k_grad, r_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_softplus_keeps_tiny_losses_relative(kernel_device):
+    """beta * z around -20: the loss is ~e^-20, and the kernel keeps it to float32 relative precision."""
+    batch = make_batch(2, (3, 7, 5), torch.float32, kernel_device, seed=18)
+    batch["rewards"] = torch.tensor([1.0, 0.0], device=kernel_device)
+    e = ((batch["pred"] - batch["target"]) ** 2).mean(dim=(1, 2, 3))
+    batch["ref_err"] = e + torch.tensor([0.01, -0.01], device=kernel_device)  # d = (-0.01, +0.01)
+    (k_loss, _), (r_loss, _) = _both(batch, group_size=2, beta=1000.0, objective="gpo")
+    assert 0 < r_loss.item() < 1e-8
+    torch.testing.assert_close(k_loss, r_loss, rtol=1e-4, atol=0.0)
