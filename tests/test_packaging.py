@@ -39,6 +39,7 @@ def test_wheel_maps_kernels_folder_into_the_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "gpo_fast/kernels/__init__.py" in names and "gpo_fast/kernels/gpo.py" in names
     assert not any(n.startswith("kernels/") for n in names)
+    assert "gpo_fast/toy/weights/model.safetensors" in names  # the shipped toy base model
     # a non-editable install of that wheel imports, from anywhere
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
