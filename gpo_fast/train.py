@@ -1,0 +1,270 @@
+"""The GPO self-improvement loop (shared/design/method.md, steps 1-6), top to bottom.
+
+    for each rollout:
+        P prompts -> G images each from the current policy (Euler ODE, CFG) -> rewards
+        for each inner update:
+            one noise level s_p and one noise eps_p per group, shared by its G members
+            x_s = (1 - s) x0 + s eps, u = eps - x0
+            ref_err = sample_mse(reference(x_s), u)      under no_grad, adapter disabled, freed at once
+            loss = gpo_loss(policy(x_s), u, ref_err, rewards)   -> backward -> clip -> optimizer step
+    evaluate on held-out seeds before, every `eval.every` rollouts (on validation seeds, to keep the
+    best adapter) and after (the best adapter on the held-out seeds).
+
+Group-exact micro-batching (train.micro_batch < N): all policy errors first without grad, the
+coefficients c = dL/dd from them, then forward + backward per micro-batch on sum(c * e) with c
+detached: the same gradient as the whole batch at once, for one extra forward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gpo_fast.config import Config, dump_config
+from gpo_fast.evaluate import evaluate_toy
+from gpo_fast.kernels import gpo_loss, sample_mse
+from gpo_fast.models import ToyModel
+from gpo_fast.objective import loss_from_errors
+from gpo_fast.rewards import DotCountReward
+from gpo_fast.sampling import rollout
+from gpo_fast.toy.data import PROMPTS
+
+
+@dataclass
+class RunResult:
+    summary: dict
+    history: list[dict] = field(default_factory=list)
+
+
+def draw_sigmas(n: int, cfg, steps: int, generator: torch.Generator) -> torch.Tensor:
+    """(n,) noise levels in [sigma_min, sigma_max] from the configured distribution."""
+    if cfg.sigma_dist == "logit-normal":
+        s = torch.sigmoid(torch.randn(n, generator=generator))
+    elif cfg.sigma_dist == "uniform":
+        s = torch.rand(n, generator=generator)
+    else:  # the sampler's own noise levels
+        grid = torch.linspace(1.0, 0.0, steps + 1)[:-1]
+        s = grid[torch.randint(0, steps, (n,), generator=generator)]
+    return s.clamp(cfg.sigma_min, cfg.sigma_max)
+
+
+def group_noise(x0: torch.Tensor, group_size: int, cfg, steps: int, generator: torch.Generator):
+    """x_s, u and s per sample, with s and eps shared within each group (members differ only by x0)."""
+    n_groups = x0.shape[0] // group_size
+    s = draw_sigmas(n_groups, cfg, steps, generator).repeat_interleave(group_size).to(x0.device)
+    eps = torch.randn((n_groups, *x0.shape[1:]), generator=generator).repeat_interleave(group_size, 0).to(x0.device)
+    s_ = s.view(-1, *[1] * (x0.dim() - 1))
+    return (1 - s_) * x0 + s_ * eps, eps - x0, s
+
+
+def implicit_reward_accuracy(d: torch.Tensor, rewards: torch.Tensor, group_size: int) -> float:
+    """Fraction of ordered pairs r_i > r_j within groups where the policy prefers i (d_i < d_j)."""
+    d, r = d.view(-1, group_size), rewards.view(-1, group_size)
+    better = r[:, :, None] > r[:, None, :]
+    n = better.sum().item()
+    return float("nan") if n == 0 else ((d[:, :, None] < d[:, None, :]) & better).sum().item() / n
+
+
+def make_optimizer(params, cfg):
+    if cfg.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+
+
+def make_schedule(opt, cfg, total_updates: int):
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / cfg.warmup_updates) if cfg.warmup_updates else 1.0
+        if cfg.lr_schedule == "cosine":
+            return warm * 0.5 * (1 + math.cos(math.pi * min(step, total_updates) / total_updates))
+        return warm
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def gpo_update(model: ToyModel, x0, prompts, rewards, config: Config, generator) -> dict:
+    """One inner update's forward and backward (no optimizer step). Returns per-update stats."""
+    t, r = config.train, config.rollout
+    x_s, u, s = group_noise(x0, r.group_size, t, r.steps, generator)
+    embeds = model.encode_prompts(prompts)
+    loss_kw = dict(group_size=r.group_size, beta=t.beta, objective=t.objective, eps_std=t.eps_std, min_std=t.min_std)
+    with torch.no_grad(), model.reference():
+        ref_err = sample_mse(model.predict(x_s, s, embeds), u)  # the reference prediction dies here
+    n = x0.shape[0]
+    mb = t.micro_batch if 0 < t.micro_batch < n else n
+    if mb == n:
+        loss, policy_err = gpo_loss(model.predict(x_s, s, embeds), u, ref_err, rewards, return_policy_err=True,
+                                    **loss_kw)
+        loss.backward()
+    else:
+        with torch.no_grad():
+            policy_err = torch.cat([sample_mse(model.predict(x_s[i:i + mb], s[i:i + mb], _slice(embeds, i, mb)),
+                                               u[i:i + mb]) for i in range(0, n, mb)])
+        e = policy_err.clone().requires_grad_(True)
+        loss = loss_from_errors(e, ref_err, rewards, **loss_kw)
+        (coef,) = torch.autograd.grad(loss, e)
+        for i in range(0, n, mb):
+            pred = model.predict(x_s[i:i + mb], s[i:i + mb], _slice(embeds, i, mb))
+            (coef[i:i + mb] * sample_mse(pred, u[i:i + mb])).sum().backward()
+    d = policy_err - ref_err
+    return {"loss": loss.item(), "mean_abs_d": d.abs().mean().item(),
+            "implicit_acc": implicit_reward_accuracy(d, rewards, r.group_size)}
+
+
+def _slice(embeds, i, mb):
+    from gpo_fast.models.base import PromptEmbeds
+
+    return PromptEmbeds(embeds.hidden[i:i + mb], embeds.pooled[i:i + mb])
+
+
+def degenerate_fraction(rewards: torch.Tensor, group_size: int, min_std: float) -> float:
+    return (rewards.view(-1, group_size).std(dim=1, unbiased=False) < min_std).float().mean().item()
+
+
+def train(config: Config, log=print, progress=None) -> RunResult:
+    """Run GPO as configured; writes the run folder and returns the summary."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(dump_config(config))
+    start = time.time()
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+
+    model = ToyModel.from_pretrained(config.model.path)
+    if not config.lora.enabled:
+        raise NotImplementedError("full fine-tuning of the toy model needs a frozen reference copy; not yet built")
+    model.add_lora(config.lora.rank, config.lora.alpha, config.lora.targets)
+    params = model.trainable_parameters()
+    opt = make_optimizer(params, config.train)
+    total_updates = config.train.rollouts * config.train.inner_updates
+    sched = make_schedule(opt, config.train, total_updates)
+    reward_fn = DotCountReward(config.reward.min_size, config.reward.partial_credit)
+    ev = config.eval
+    eval_kw = dict(n_samples=ev.samples, steps=ev.steps, cfg_scale=ev.cfg_scale)
+    select_seed = ev.seed + 1  # validation seeds pick the best adapter; ev.seed measures it
+
+    before, before_images = evaluate_toy(model, seed=ev.seed, **eval_kw)
+    log(f"before: accuracy {before['accuracy']:.3f} +- {before['accuracy_stderr']:.3f} on {ev.samples} held-out samples")
+    best = {"rollout": 0, "accuracy": evaluate_toy(model, seed=select_seed, **eval_kw)[0]["accuracy"],
+            "state": {k: v.clone() for k, v in _adapter_state(model).items()}}
+    writer = SummaryWriter(str(out / "tensorboard"))
+    history = []
+    train_prompts = list(PROMPTS[1:])
+    metrics_file = (out / "metrics.jsonl").open("w")
+    updates = 0
+    for rnd in range(1, config.train.rollouts + 1):
+        t0 = time.time()
+        idx = torch.randint(0, len(train_prompts), (config.rollout.prompts,), generator=gen)
+        prompts = [train_prompts[i] for i in idx]
+        model.eval()
+        per_sample, x0, images = rollout(model, prompts, config.rollout.group_size, steps=config.rollout.steps,
+                                         cfg_scale=config.rollout.cfg_scale, generator=gen)
+        rewards = reward_fn.score(images, per_sample).to(x0.device)
+        stats = []
+        for _ in range(config.train.inner_updates):
+            opt.zero_grad(set_to_none=True)
+            stats.append(gpo_update(model, x0, per_sample, rewards, config, gen))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.train.grad_clip).item()
+            opt.step()
+            sched.step()
+            updates += 1
+        row = {
+            "rollout": rnd, "updates": updates,
+            "loss": sum(s["loss"] for s in stats) / len(stats),
+            "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
+            "accuracy": (reward_fn.score(images, per_sample) == 1).float().mean().item()
+            if not config.reward.partial_credit else float("nan"),
+            "degenerate_fraction": degenerate_fraction(rewards, config.rollout.group_size, config.train.min_std),
+            "implicit_acc": _nanmean([s["implicit_acc"] for s in stats]),
+            "mean_abs_d": sum(s["mean_abs_d"] for s in stats) / len(stats),
+            "grad_norm": grad_norm, "lr": sched.get_last_lr()[0], "step_seconds": time.time() - t0,
+        }
+        if ev.every and rnd % ev.every == 0:
+            acc = evaluate_toy(model, seed=select_seed, **eval_kw)[0]["accuracy"]
+            row["val_accuracy"] = acc
+            if acc > best["accuracy"]:
+                best = {"rollout": rnd, "accuracy": acc, "state": {k: v.clone() for k, v in _adapter_state(model).items()}}
+        history.append(row)
+        metrics_file.write(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v
+                                       for k, v in row.items()}) + "\n")
+        metrics_file.flush()
+        for k, v in row.items():
+            if isinstance(v, float) and math.isfinite(v):
+                writer.add_scalar(k, v, rnd)
+        if progress is not None:
+            progress(row)
+        if config.train.time_budget_s and time.time() - start > config.train.time_budget_s:
+            log(f"time budget of {config.train.time_budget_s:.0f} s reached after {rnd} rollouts")
+            break
+    metrics_file.close()
+
+    if ev.every:  # a last look at the final adapter before choosing
+        acc = evaluate_toy(model, seed=select_seed, **eval_kw)[0]["accuracy"]
+        if acc > best["accuracy"]:
+            best = {"rollout": rnd, "accuracy": acc, "state": {k: v.clone() for k, v in _adapter_state(model).items()}}
+    _load_adapter_state(model, best["state"])
+    model.save_adapter(out / "adapter")
+    after, after_images = evaluate_toy(model, seed=ev.seed, **eval_kw)
+    gain = after["accuracy"] - before["accuracy"]
+    gain_se = math.sqrt(before["accuracy_stderr"] ** 2 + after["accuracy_stderr"] ** 2)
+    summary = {
+        "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
+        "gain": gain, "gain_ci95": [gain - 1.96 * gain_se, gain + 1.96 * gain_se],
+        "accuracy_lenient_before": before["accuracy_lenient"], "accuracy_lenient_after": after["accuracy_lenient"],
+        "blank_before": before["blank_fraction"], "blank_after": after["blank_fraction"],
+        "best_rollout": best["rollout"], "rollouts": rnd, "steps": updates,
+        "wall_seconds": time.time() - start, "objective": config.train.objective, "seed": config.seed,
+        "eval_samples": ev.samples, "eval_before": before, "eval_after": after,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    writer.close()
+    _save_plots(out, before_images, after_images, history)
+    return RunResult(summary, history)
+
+
+def _nanmean(xs):
+    xs = [x for x in xs if not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _adapter_state(model: ToyModel) -> dict:
+    return {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def _load_adapter_state(model: ToyModel, state: dict) -> None:
+    with torch.no_grad():
+        for k, v in model.named_parameters():
+            if k in state:
+                v.copy_(state[k])
+
+
+def _save_plots(out: Path, before_images, after_images, history) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid, save_image
+
+    k = min(50, before_images.shape[0])
+    grid = torch.cat([make_grid((before_images[:k] + 1) / 2, nrow=10, pad_value=0.5),
+                      torch.full((3, 4, make_grid(before_images[:k], nrow=10).shape[2]), 0.5),
+                      make_grid((after_images[:k] + 1) / 2, nrow=10, pad_value=0.5)], dim=1)
+    save_image(grid, out / "before_after.png")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["rollout"] for h in history], [h["reward_mean"] for h in history], label="rollout reward")
+    val = [(h["rollout"], h["val_accuracy"]) for h in history if "val_accuracy" in h]
+    if val:
+        ax.plot(*zip(*val), marker="o", label="validation accuracy")
+    ax.set_xlabel("rollout")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "reward_curve.png", dpi=110)
+    plt.close(fig)
