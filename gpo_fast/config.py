@@ -93,6 +93,7 @@ class EvalSection(_Section):
 
 class Config(_Section):
     seed: int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto: a GPU if there is one.")
     out: str = Field("runs/gpo-toy", description="Run folder.")
     model: ModelSection = Field(default_factory=ModelSection)
     lora: LoraSection = Field(default_factory=LoraSection)

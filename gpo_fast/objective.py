@@ -138,30 +138,38 @@ def loss_from_errors(
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def check_pred_target(pred, target, pred_dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES) -> None:
+    """ValueError naming the argument when pred / target are not same-shape float tensors on one device."""
+    for name, t in (("pred", pred), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.dtype not in pred_dtypes:
+            allowed = ", ".join(str(d).removeprefix("torch.") for d in pred_dtypes)
+            raise ValueError(f"{name} has unsupported dtype {t.dtype}; use one of {allowed}")
+    if pred.dim() < 1 or pred.numel() == 0:
+        raise ValueError(f"pred must be non-empty with the batch on dim 0; got shape {tuple(pred.shape)}")
+    if target.shape != pred.shape:
+        raise ValueError(f"target shape {tuple(target.shape)} does not match pred shape {tuple(pred.shape)}")
+    if target.device != pred.device:
+        raise ValueError(f"target is on {target.device} but pred is on {pred.device}")
+
+
 def check_gpo_args(
     pred, target, ref_err, rewards, group_size, beta, objective, eps_std, min_std,
     pred_dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES,
 ) -> None:
     """Raise a ValueError naming the argument that is wrong. Host-side metadata only: no sync."""
-    for name, t in (("pred", pred), ("target", target), ("ref_err", ref_err), ("rewards", rewards)):
+    check_pred_target(pred, target, pred_dtypes)
+    for name, t in (("ref_err", ref_err), ("rewards", rewards)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    for name, t in (("pred", pred), ("target", target)):
-        if t.dtype not in pred_dtypes:
-            allowed = ", ".join(str(d).removeprefix("torch.") for d in pred_dtypes)
-            raise ValueError(f"{name} has unsupported dtype {t.dtype}; use one of {allowed}")
-    for name, t in (("ref_err", ref_err), ("rewards", rewards)):
         if not t.dtype.is_floating_point:
             raise ValueError(f"{name} must be a floating-point tensor; got {t.dtype} (convert with .float())")
-    if pred.dim() < 1 or pred.numel() == 0:
-        raise ValueError(f"pred must be non-empty with the batch on dim 0; got shape {tuple(pred.shape)}")
-    if target.shape != pred.shape:
-        raise ValueError(f"target shape {tuple(target.shape)} does not match pred shape {tuple(pred.shape)}")
     n = pred.shape[0]
     for name, t in (("ref_err", ref_err), ("rewards", rewards)):
         if t.shape != (n,):
             raise ValueError(f"{name} must have shape ({n},) (one value per sample); got {tuple(t.shape)}")
-    for name, t in (("target", target), ("ref_err", ref_err), ("rewards", rewards)):
+    for name, t in (("ref_err", ref_err), ("rewards", rewards)):
         if t.device != pred.device:
             raise ValueError(f"{name} is on {t.device} but pred is on {pred.device}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:

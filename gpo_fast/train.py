@@ -17,6 +17,7 @@ detached: the same gradient as the whole batch at once, for one extra forward.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -94,8 +95,8 @@ def gpo_update(model: ToyModel, x0, prompts, rewards, config: Config, generator)
     x_s, u, s = group_noise(x0, r.group_size, t, r.steps, generator)
     embeds = model.encode_prompts(prompts)
     loss_kw = dict(group_size=r.group_size, beta=t.beta, objective=t.objective, eps_std=t.eps_std, min_std=t.min_std)
-    with torch.no_grad(), model.reference():
-        ref_err = sample_mse(model.predict(x_s, s, embeds), u)  # the reference prediction dies here
+    with torch.no_grad(), model.reference() as reference:
+        ref_err = sample_mse(reference.predict(x_s, s, embeds), u)  # the reference prediction dies here
     n = x0.shape[0]
     mb = t.micro_batch if 0 < t.micro_batch < n else n
     if mb == n:
@@ -138,10 +139,16 @@ def train(config: Config, log=print, progress=None) -> RunResult:
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
 
-    model = ToyModel.from_pretrained(config.model.path)
-    if not config.lora.enabled:
-        raise NotImplementedError("full fine-tuning of the toy model needs a frozen reference copy; not yet built")
-    model.add_lora(config.lora.rank, config.lora.alpha, config.lora.targets)
+    device = torch.device(config.device if config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    # bf16 autocast on a GPU; float32 on the CPU
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    model = ToyModel.from_pretrained(config.model.path).to(device)
+    if config.lora.enabled:
+        model.add_lora(config.lora.rank, config.lora.alpha, config.lora.targets)
+    else:
+        model.enable_full_finetune()
+    if config.train.gradient_checkpointing:
+        model.transformer.enable_gradient_checkpointing()
     params = model.trainable_parameters()
     opt = make_optimizer(params, config.train)
     total_updates = config.train.rollouts * config.train.inner_updates
@@ -153,8 +160,7 @@ def train(config: Config, log=print, progress=None) -> RunResult:
 
     before, before_images = evaluate_toy(model, seed=ev.seed, **eval_kw)
     log(f"before: accuracy {before['accuracy']:.3f} +- {before['accuracy_stderr']:.3f} on {ev.samples} held-out samples")
-    best = {"rollout": 0, "accuracy": evaluate_toy(model, seed=select_seed, **eval_kw)[0]["accuracy"],
-            "state": {k: v.clone() for k, v in _adapter_state(model).items()}}
+    best = _snapshot(model, 0, evaluate_toy(model, seed=select_seed, **eval_kw)[0]["accuracy"]) if ev.every else None
     writer = SummaryWriter(str(out / "tensorboard"))
     history = []
     train_prompts = list(PROMPTS[1:])
@@ -165,13 +171,17 @@ def train(config: Config, log=print, progress=None) -> RunResult:
         idx = torch.randint(0, len(train_prompts), (config.rollout.prompts,), generator=gen)
         prompts = [train_prompts[i] for i in idx]
         model.eval()
-        per_sample, x0, images = rollout(model, prompts, config.rollout.group_size, steps=config.rollout.steps,
-                                         cfg_scale=config.rollout.cfg_scale, generator=gen)
+        with amp():
+            per_sample, x0, images = rollout(model, prompts, config.rollout.group_size, steps=config.rollout.steps,
+                                             cfg_scale=config.rollout.cfg_scale, generator=gen)
+        x0 = x0.float()
         rewards = reward_fn.score(images, per_sample).to(x0.device)
         stats = []
         for _ in range(config.train.inner_updates):
             opt.zero_grad(set_to_none=True)
-            stats.append(gpo_update(model, x0, per_sample, rewards, config, gen))
+            model.train()
+            with amp():
+                stats.append(gpo_update(model, x0, per_sample, rewards, config, gen))
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.train.grad_clip).item()
             opt.step()
             sched.step()
@@ -188,10 +198,11 @@ def train(config: Config, log=print, progress=None) -> RunResult:
             "grad_norm": grad_norm, "lr": sched.get_last_lr()[0], "step_seconds": time.time() - t0,
         }
         if ev.every and rnd % ev.every == 0:
-            acc = evaluate_toy(model, seed=select_seed, **eval_kw)[0]["accuracy"]
-            row["val_accuracy"] = acc
+            metrics, val_images = evaluate_toy(model, seed=select_seed, **eval_kw)
+            acc = row["val_accuracy"] = metrics["accuracy"]
+            _save_grid(val_images[:50], out / "samples" / f"rollout-{rnd:05d}.png")
             if acc > best["accuracy"]:
-                best = {"rollout": rnd, "accuracy": acc, "state": {k: v.clone() for k, v in _adapter_state(model).items()}}
+                best = _snapshot(model, rnd, acc)
         history.append(row)
         metrics_file.write(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v
                                        for k, v in row.items()}) + "\n")
@@ -206,12 +217,17 @@ def train(config: Config, log=print, progress=None) -> RunResult:
             break
     metrics_file.close()
 
-    if ev.every:  # a last look at the final adapter before choosing
+    if ev.every:  # a last look at the final weights, then keep the best on the validation seeds
         acc = evaluate_toy(model, seed=select_seed, **eval_kw)[0]["accuracy"]
         if acc > best["accuracy"]:
-            best = {"rollout": rnd, "accuracy": acc, "state": {k: v.clone() for k, v in _adapter_state(model).items()}}
-    _load_adapter_state(model, best["state"])
-    model.save_adapter(out / "adapter")
+            best = _snapshot(model, rnd, acc)
+        _load_trained_state(model, best["state"])
+    else:  # no validation: the final weights
+        best = {"rollout": rnd}
+    if config.lora.enabled:
+        model.save_adapter(out / "adapter")
+    else:
+        model.save_pretrained(out / "model")
     after, after_images = evaluate_toy(model, seed=ev.seed, **eval_kw)
     gain = after["accuracy"] - before["accuracy"]
     gain_se = math.sqrt(before["accuracy_stderr"] ** 2 + after["accuracy_stderr"] ** 2)
@@ -235,15 +251,26 @@ def _nanmean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def _adapter_state(model: ToyModel) -> dict:
-    return {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+def _snapshot(model: ToyModel, rollout: int, accuracy: float) -> dict:
+    """A copy of the trained weights (the adapter, or the transformer when fully fine-tuned)."""
+    state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    return {"rollout": rollout, "accuracy": accuracy, "state": state}
 
 
-def _load_adapter_state(model: ToyModel, state: dict) -> None:
+def _load_trained_state(model: ToyModel, state: dict) -> None:
     with torch.no_grad():
         for k, v in model.named_parameters():
             if k in state:
                 v.copy_(state[k])
+
+
+def _save_grid(images: torch.Tensor, path: Path) -> None:
+    """Images in [-1, 1] as a 10-wide grid, 4x nearest-neighbour upscaled so single pixels are visible."""
+    from torchvision.utils import make_grid, save_image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    up = torch.nn.functional.interpolate((images.detach().float().cpu() + 1) / 2, scale_factor=4, mode="nearest")
+    save_image(make_grid(up, nrow=10, pad_value=0.5), path)
 
 
 def _save_plots(out: Path, before_images, after_images, history) -> None:
@@ -251,13 +278,10 @@ def _save_plots(out: Path, before_images, after_images, history) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from torchvision.utils import make_grid, save_image
 
     k = min(50, before_images.shape[0])
-    grid = torch.cat([make_grid((before_images[:k] + 1) / 2, nrow=10, pad_value=0.5),
-                      torch.full((3, 4, make_grid(before_images[:k], nrow=10).shape[2]), 0.5),
-                      make_grid((after_images[:k] + 1) / 2, nrow=10, pad_value=0.5)], dim=1)
-    save_image(grid, out / "before_after.png")
+    _save_grid(torch.cat([before_images[:k], torch.zeros_like(before_images[:10]), after_images[:k]]),
+               out / "before_after.png")  # before, a gray row, after
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([h["rollout"] for h in history], [h["reward_mean"] for h in history], label="rollout reward")
     val = [(h["rollout"], h["val_accuracy"]) for h in history if "val_accuracy" in h]

@@ -37,17 +37,7 @@ def uses_triton(t: torch.Tensor) -> bool:
 
 def sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample mean of (pred - target)^2 over all but dim 0: (N,) float32."""
-    if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
-        raise ValueError("pred and target must be torch.Tensors")
-    for name, t in (("pred", pred), ("target", target)):
-        if t.dtype not in _ref.KERNEL_DTYPES:
-            raise ValueError(f"{name} has unsupported dtype {t.dtype}; use float32, bfloat16 or float16")
-    if target.shape != pred.shape:
-        raise ValueError(f"target shape {tuple(target.shape)} does not match pred shape {tuple(pred.shape)}")
-    if target.device != pred.device:
-        raise ValueError(f"target is on {target.device} but pred is on {pred.device}")
-    if pred.dim() < 1 or pred.numel() == 0:
-        raise ValueError(f"pred must be non-empty with the batch on dim 0; got shape {tuple(pred.shape)}")
+    _ref.check_pred_target(pred, target)
     if uses_triton(pred):
         return sample_mse_triton(pred, target)
     return _ref.sample_mse(pred, target)

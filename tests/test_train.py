@@ -134,6 +134,19 @@ def test_two_rollouts_end_to_end_write_the_run_folder(tmp_path):
     assert load_config(run / "config.toml") == cfg  # the resolved config reloads to the same thing
 
 
+def test_full_fine_tuning_with_checkpointing_trains_against_a_frozen_copy(tmp_path):
+    cfg = load_config(overrides=[
+        f"out=\"{tmp_path / 'run'}\"", "lora.enabled=false", "train.gradient_checkpointing=true",
+        "train.optimizer=\"adamw\"", "train.rollouts=1", "train.inner_updates=2", "rollout.prompts=2",
+        "rollout.group_size=4", "rollout.steps=2", "eval.samples=20", "eval.steps=2", "eval.every=0",
+        "reward.partial_credit=true",  # dense rewards: no degenerate group, so the weights move
+    ])
+    train(cfg, log=lambda *a: None)
+    base, tuned = ToyModel.from_pretrained(), ToyModel.from_pretrained(tmp_path / "run" / "model")
+    moved = [k for k, v in base.state_dict().items() if not torch.equal(v, tuned.state_dict()[k])]
+    assert moved and all(k.startswith("transformer.") for k in moved)  # the prompt table stays frozen
+
+
 GPO_FAST = str(Path(sys.executable).with_name("gpo-fast"))
 
 

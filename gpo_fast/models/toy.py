@@ -8,6 +8,7 @@ the latents are the pixels.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -103,11 +104,22 @@ class ToyModel(torch.nn.Module):
     def has_adapter(self) -> bool:
         return bool(getattr(self.transformer, "_hf_peft_config_loaded", False))
 
+    def enable_full_finetune(self) -> None:
+        """Train every transformer weight; the reference becomes a frozen copy of the current model."""
+        reference = copy.deepcopy(self).requires_grad_(False).eval()
+        object.__setattr__(self, "_reference_copy", reference)  # not a submodule: neither trained nor saved
+        self.requires_grad_(False)
+        self.transformer.requires_grad_(True)
+
     @contextlib.contextmanager
     def reference(self):
-        """The frozen base model: the adapter disabled inside the block."""
+        """The frozen base model: the adapter disabled inside the block (or the frozen copy)."""
+        frozen = getattr(self, "_reference_copy", None)
+        if frozen is not None:
+            yield frozen
+            return
         if not self.has_adapter:
-            raise RuntimeError("the reference needs an adapter (LoRA) or a frozen copy of the model")
+            raise RuntimeError("the reference needs an adapter (add_lora) or a frozen copy (enable_full_finetune)")
         self.transformer.disable_adapters()
         try:
             yield self
