@@ -119,3 +119,25 @@ def test_shipped_base_model_matches_its_manifest_and_draws_clean_dots():
     assert abs(metrics["accuracy"] - meta["eval"]["accuracy"]) < 0.15
     assert 0.2 < metrics["accuracy"] < 0.7
     assert metrics["accuracy_lenient"] - metrics["accuracy"] < 0.1  # few specks to filter
+
+
+def test_adapter_saved_in_diffusers_format_loads_back_to_the_same_policy(tmp_path):
+    torch.manual_seed(0)
+    lora = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    model = ToyModel.from_pretrained()
+    model.add_lora(4, 4.0, lora)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    model.save_adapter(tmp_path)
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    fresh = ToyModel.from_pretrained()
+    fresh.load_adapter(tmp_path)
+    x, sigma = torch.randn(2, 1, 16, 16), torch.tensor(0.7)
+    with torch.no_grad():
+        expected = model.predict(x, sigma, model.encode_prompts(["two dots", "4 dots"]))
+        got = fresh.predict(x, sigma, fresh.encode_prompts(["two dots", "4 dots"]))
+        base = ToyModel.from_pretrained().predict(x, sigma, fresh.encode_prompts(["two dots", "4 dots"]))
+    assert not torch.allclose(expected, base)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -130,11 +130,18 @@ class ToyModel(torch.nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def save_adapter(self, directory: Path) -> None:
-        """The LoRA adapter in diffusers' format (pytorch_lora_weights.safetensors)."""
-        self.transformer.save_lora_adapter(str(directory), safe_serialization=True)
+        """The LoRA adapter in diffusers' pipeline format (pytorch_lora_weights.safetensors, keys
+        prefixed `transformer.`), the layout `load_lora_weights` of a diffusers pipeline reads."""
+        from diffusers import StableDiffusion3Pipeline
+        from peft.utils import get_peft_model_state_dict
+
+        StableDiffusion3Pipeline.save_lora_weights(
+            str(directory), transformer_lora_layers=get_peft_model_state_dict(self.transformer)
+        )
 
     def load_adapter(self, directory: Path) -> None:
-        self.transformer.load_lora_adapter(str(directory), prefix="transformer")
+        self.transformer.load_lora_adapter(str(directory), weight_name="pytorch_lora_weights.safetensors",
+                                           prefix="transformer")
 
     # -- weights ------------------------------------------------------------------------------
     def save_pretrained(self, directory: Path, manifest: dict | None = None) -> Path:
