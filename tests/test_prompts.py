@@ -1,0 +1,276 @@
+"""Prompt sets: generation, the counting vocabulary, splits, JSONL files and their errors, prompt parsing."""
+
+import json
+import re
+
+import pytest
+
+from gpo_fast.prompts import (
+    Prompt, PromptFileError, counting_prompts, item_key, load_prompts, load_words, make_prompt_set,
+    parse_counting_prompt, split_prompts, text_prompts, write_jsonl,
+)
+from gpo_fast.rewards.vocab import COCO_CLASSES, MAX_COUNT, canonical, noun_phrase, plural, singular
+
+# ------------------------------------------------------------------------------------------- vocabulary
+
+
+def test_coco_classes_in_ultralytics_order():
+    assert len(COCO_CLASSES) == 80 and len(set(COCO_CLASSES)) == 80
+    assert COCO_CLASSES[0] == "person" and COCO_CLASSES[15] == "cat" and COCO_CLASSES[79] == "toothbrush"
+
+
+@pytest.mark.parametrize("name", COCO_CLASSES)
+def test_every_class_round_trips_through_its_plural(name):
+    assert singular(name) == name  # identity on the class name itself (also 'bus', 'skis', 'scissors')
+    assert singular(plural(name)) == name
+    assert canonical(plural(name)) == name and canonical(name) == name
+
+
+@pytest.mark.parametrize("name, want", [
+    ("person", "people"), ("mouse", "mice"), ("knife", "knives"), ("bus", "buses"), ("sheep", "sheep"),
+    ("skis", "skis"), ("scissors", "scissors"), ("broccoli", "broccoli"), ("wine glass", "wine glasses"),
+    ("bench", "benches"), ("sandwich", "sandwiches"), ("couch", "couches"), ("toothbrush", "toothbrushes"),
+    ("tv", "tvs"), ("teddy bear", "teddy bears"), ("hair drier", "hair driers"), ("cat", "cats"),
+    ("puppy", "puppies"), ("man", "men"), ("child", "children"),
+])
+def test_plural_forms(name, want):
+    assert plural(name) == want
+    assert singular(want) == name
+
+
+@pytest.mark.parametrize("word, cls", [
+    ("man", "person"), ("women", "person"), ("children", "person"), ("motorbikes", "motorcycle"),
+    ("aeroplane", "airplane"), ("planes", "airplane"), ("sofa", "couch"), ("television", "tv"),
+    ("cellphone", "cell phone"), ("phones", "cell phone"), ("doughnuts", "donut"), ("puppies", "dog"),
+    ("Traffic_Lights", "traffic light"), ("pairs of skis", "skis"), ("unicorn", None),
+])
+def test_canonical_synonyms(word, cls):
+    assert canonical(word) == cls
+
+
+# ------------------------------------------------------------------------------------------- generation
+
+
+def test_counting_prompts_cover_classes_and_counts():
+    ps = counting_prompts()
+    assert len(ps) == 80 * 6
+    texts = {(p.cls, p.n): p.text for p in ps}
+    assert texts["cat", 1] == "a photo of one cat"
+    assert texts["cat", 3] == "a photo of three cats"
+    assert texts["person", 2] == "a photo of two people"
+    assert texts["mouse", 6] == "a photo of six mice"
+    assert texts["skis", 1] == "a photo of one pair of skis"
+    assert all(p.task == "counting" and p.target is None for p in ps)
+
+
+def test_counting_prompts_templates_and_range():
+    ps = counting_prompts(["dog", "bus"], n_range=(2, 4), templates=("{n} {noun}", "exactly {n_word} {noun}"))
+    assert len(ps) == 2 * 3 * 2
+    assert ps[0].text == "2 dogs" and ps[1].text == "exactly two dogs"
+    assert "4 buses" in {p.text for p in ps}
+    with pytest.raises(ValueError, match="needs"):
+        counting_prompts(["dog"], templates=("a photo of {noun}",))
+    with pytest.raises(ValueError, match="n_range"):
+        counting_prompts(["dog"], n_range=(0, 3))
+    with pytest.raises(ValueError, match="n_range"):
+        counting_prompts(["dog"], n_range=(1, MAX_COUNT + 1))
+
+
+def test_every_generated_counting_prompt_parses_back():
+    for p in counting_prompts(n_range=(1, MAX_COUNT)):
+        assert parse_counting_prompt(p.text) == (p.n, p.cls), p.text
+
+
+def test_shipped_word_list_is_plain():
+    words = load_words()
+    assert len(words) >= 200 and len(set(words)) == len(words)
+    assert all(re.fullmatch(r"[a-z]{3,8}", w) for w in words)
+
+
+def test_text_prompts():
+    ps = text_prompts(["hello", "river"], templates=('a sign that says "{word}"', "the word {word} on a wall"))
+    assert [p.text for p in ps] == ['a sign that says "hello"', "the word hello on a wall",
+                                    'a sign that says "river"', "the word river on a wall"]
+    assert all(p.task == "text" and p.cls is None for p in ps) and ps[2].target == "river"
+    assert len(text_prompts()) == len(load_words())
+    with pytest.raises(ValueError, match="word"):
+        text_prompts(["a"], templates=("no placeholder",))
+
+
+def test_words_file(tmp_path):
+    f = tmp_path / "w.txt"
+    f.write_text("# mine\nHello\n\nhello\nriver\n")
+    assert load_words(f) == ["Hello", "river"]  # 'hello' repeats 'Hello' after normalisation
+    f.write_text("ok\n!!!\n")
+    with pytest.raises(PromptFileError, match="line 2"):
+        load_words(f)
+
+
+# ------------------------------------------------------------------------------------------- splits
+
+
+def test_counting_split_disjoint_by_item_and_deterministic():
+    ps = counting_prompts(COCO_CLASSES[:10], n_range=(1, 4), templates=("{n} {noun}", "a photo of {n_word} {noun}"))
+    train, held = split_prompts(ps, 0.25, seed=3)
+    assert len(train) + len(held) == len(ps)
+    assert {item_key(p) for p in train}.isdisjoint({item_key(p) for p in held})
+    assert len({item_key(p) for p in held}) == 10  # round(0.25 * 40) items, both templates of each
+    assert len(held) == 20
+    assert split_prompts(ps, 0.25, seed=3) == (train, held)
+    assert split_prompts(list(reversed(ps)), 0.25, seed=3)[1] == list(reversed(held))  # order-independent choice
+    assert split_prompts(ps, 0.25, seed=4)[1] != held
+
+
+def test_text_split_never_trains_on_an_eval_word():
+    ps = text_prompts(load_words()[:50], templates=('a sign that says "{word}"', "{word} written in chalk"))
+    ps.append(Prompt(text='a sign that says "ABLE"', task="text", target="ABLE"))  # same word, other case
+    train, held = split_prompts(ps, 0.2, seed=0)
+    train_words = {p.target.lower() for p in train}
+    assert held and not train_words & {p.target.lower() for p in held}
+    assert len({p.target.lower() for p in held}) == 10
+
+
+def test_split_edge_cases():
+    ps = text_prompts(["one", "two"])
+    assert split_prompts(ps, 0.0) == (ps, [])
+    train, held = split_prompts(ps, 0.01)
+    assert len(train) == 1 and len(held) == 1  # at least one item on each side
+    with pytest.raises(ValueError):
+        split_prompts(ps, 1.0)
+
+
+# ------------------------------------------------------------------------------------------- files
+
+
+def test_jsonl_round_trip(tmp_path):
+    ps = counting_prompts(["cat", "sheep"], n_range=(1, 2)) + text_prompts(["hello"]) + [
+        Prompt(text="three dots", task="toy", n=3)]
+    write_jsonl(ps, tmp_path / "sub" / "p.jsonl")
+    assert load_prompts(tmp_path / "sub" / "p.jsonl") == ps
+    write_jsonl(ps, tmp_path / "q.jsonl", split="eval")
+    assert load_prompts(tmp_path / "q.jsonl", split="eval") == ps
+    first = json.loads((tmp_path / "q.jsonl").read_text().splitlines()[0])
+    assert first == {"prompt": "a photo of one cat", "task": "counting", "class": "cat", "n": 1, "split": "eval"}
+
+
+@pytest.mark.parametrize("kind", ["counting", "text"])
+def test_make_prompt_set(tmp_path, kind):
+    out = tmp_path / f"{kind}.jsonl"
+    n_train, n_eval = make_prompt_set(kind, out, eval_fraction=0.2, seed=1, n_max=3)
+    train, held = load_prompts(out, split="train"), load_prompts(out, split="eval")
+    assert (len(train), len(held)) == (n_train, n_eval) and n_eval > 0
+    assert len(load_prompts(out)) == n_train + n_eval
+    assert {item_key(p) for p in train}.isdisjoint({item_key(p) for p in held})
+    assert abs(n_eval / (n_train + n_eval) - 0.2) < 0.01
+    assert all(json.loads(line)["split"] in ("train", "eval") for line in out.read_text().splitlines())
+    out2 = tmp_path / "again.jsonl"
+    make_prompt_set(kind, out2, eval_fraction=0.2, seed=1, n_max=3)
+    assert out2.read_text() == out.read_text()  # deterministic
+    with pytest.raises(ValueError, match="kind"):
+        make_prompt_set("colour", out)
+
+
+def test_make_prompt_set_custom_words(tmp_path):
+    (tmp_path / "w.txt").write_text("alpha\nbeta\ngamma\ndelta\nepsilon\n")
+    assert make_prompt_set("text", tmp_path / "t.jsonl", words_file=tmp_path / "w.txt") == (4, 1)
+
+
+def test_plural_and_synonym_classes_are_stored_canonical(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "three cats", "task": "counting", "class": "cats", "n": 3}\n'
+                 '{"prompt": "two sofas", "task": "counting", "class": "sofa", "n": 2}\n')
+    assert [p.cls for p in load_prompts(f)] == ["cat", "couch"]
+
+
+def test_custom_classes(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "two widgets", "task": "counting", "class": "widgets", "n": 2}\n')
+    assert load_prompts(f, classes=["widget", "gadget"])[0].cls == "widget"
+    with pytest.raises(PromptFileError, match="widget, gadget"):
+        f.write_text('{"prompt": "two cats", "task": "counting", "class": "cat", "n": 2}\n')
+        load_prompts(f, classes=["widget", "gadget"])
+
+
+GOOD = '{"prompt": "a photo of two cats", "task": "counting", "class": "cat", "n": 2}'
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ('{"prompt": "x", "task": "counting", "class": "cat", "n": 2', "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"task": "counting", "class": "cat", "n": 2}', "missing 'prompt'"),
+    ('{"prompt": "  ", "task": "counting", "class": "cat", "n": 2}', "'prompt' is empty"),
+    ('{"prompt": "two cats", "class": "cat", "n": 2}', "missing 'task'"),
+    ('{"prompt": "two cats", "task": "count", "class": "cat", "n": 2}', "unknown task 'count'"),
+    ('{"prompt": "two cats", "task": "counting", "n": 2}', "missing 'class'"),
+    ('{"prompt": "two cats", "task": "counting", "class": "cat"}', "missing 'n'"),
+    ('{"prompt": "two cats", "task": "counting", "class": "cat", "n": "2"}', "'n' must be an integer"),
+    ('{"prompt": "two cats", "task": "counting", "class": "cat", "n": 2.0}', "'n' must be an integer"),
+    ('{"prompt": "two cats", "task": "counting", "class": "cat", "n": true}', "'n' must be an integer"),
+    ('{"prompt": "two cats", "task": "counting", "class": 3, "n": 2}', "'class' must be a string"),
+    ('{"prompt": "no cats", "task": "counting", "class": "cat", "n": 0}', "outside 1..20"),
+    ('{"prompt": "many cats", "task": "counting", "class": "cat", "n": 21}', "outside 1..20"),
+    ('{"prompt": "two unicorns", "task": "counting", "class": "unicorn", "n": 2}', "COCO_CLASSES"),
+    ('{"prompt": "two catts", "task": "counting", "class": "catt", "n": 2}', "did you mean 'cat'"),
+    ('{"prompt": "a sign", "task": "text"}', "missing 'text'"),
+    ('{"prompt": "a sign", "task": "text", "text": ""}', "no letters or digits"),
+    ('{"prompt": "a sign", "task": "text", "text": "!?"}', "no letters or digits"),
+    ('{"prompt": "two cats", "task": "counting", "class": "cat", "n": 2, "cls": "cat"}', "unknown key(s) 'cls'"),
+    ('{"prompt": "two cats", "task": "counting", "class": "cat", "n": 2, "split": "test"}', "unknown split"),
+])
+def test_bad_line_names_line_and_reason(tmp_path, bad, reason):
+    f = tmp_path / "p.jsonl"
+    f.write_text(f"# a comment\n{GOOD}\n\n{bad}\n{GOOD}\n")
+    with pytest.raises(PromptFileError) as e:
+        load_prompts(f)
+    msg = str(e.value)
+    assert msg.startswith(f"{f} line 4: ")
+    assert reason in msg and "; " in msg and "\n" not in msg
+
+
+def test_file_level_errors(tmp_path):
+    with pytest.raises(PromptFileError, match="no such prompt file.*gpo-fast prompts"):
+        load_prompts(tmp_path / "missing.jsonl")
+    (tmp_path / "empty.jsonl").write_text("# nothing\n\n")
+    with pytest.raises(PromptFileError, match="no prompts"):
+        load_prompts(tmp_path / "empty.jsonl")
+    (tmp_path / "train.jsonl").write_text(GOOD + "\n")  # no split field: train
+    assert len(load_prompts(tmp_path / "train.jsonl", split="train")) == 1
+    with pytest.raises(PromptFileError, match="no prompts in split 'eval'"):
+        load_prompts(tmp_path / "train.jsonl", split="eval")
+
+
+# ------------------------------------------------------------------------------------------- parsing
+
+
+@pytest.mark.parametrize("text, want", [
+    ("a photo of three cats", (3, "cat")),
+    ("3 cats", (3, "cat")),
+    ("A photo of One Cat.", (1, "cat")),
+    ("twelve people on a beach", (12, "person")),
+    ("two men", (2, "person")),
+    ("5 puppies playing", (5, "dog")),
+    ("four motorbikes", (4, "motorcycle")),
+    ("two wine glasses on a table", (2, "wine glass")),
+    ("three red apples", (3, "apple")),
+    ("two pairs of scissors", (2, "scissors")),
+    ("six mice", (6, "mouse")),
+    ("a photo of 20 knives", (20, "knife")),
+])
+def test_parse_counting_prompt(text, want):
+    assert parse_counting_prompt(text) == want
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("a photo of cats", "no count"),
+    ("three unicorns", "no detector class"),
+    ("one cat and two dogs", "several counts"),
+    ("a photo of 25 cats", "1..20"),
+])
+def test_parse_counting_prompt_failures(text, reason):
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        parse_counting_prompt(text)
+
+
+def test_noun_phrase():
+    assert noun_phrase("cat", 1) == "cat" and noun_phrase("cat", 2) == "cats"
+    assert noun_phrase("scissors", 1) == "pair of scissors" and noun_phrase("scissors", 3) == "pairs of scissors"
