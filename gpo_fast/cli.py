@@ -38,7 +38,9 @@ def _root(
 def train_cmd(
     config_file: Optional[Path] = typer.Argument(None, metavar="[CONFIG]",
                                                  help="A TOML config; its keys override the preset's."),
-    preset: str = typer.Option("toy", help="Starting point: 'toy' (GPO on the shipped toy model, CPU-sized)."),
+    preset: str = typer.Option("toy", help="Starting point: 'toy' (GPO on the shipped toy model, CPU-sized), "
+                                          "'sd35m-counting' (SD3.5 Medium, YOLO counting) or 'sd35m-text' "
+                                          "(SD3.5 Medium, easyocr text rendering); see gpo_fast/config.py."),
     set_: list[str] = typer.Option([], "--set", metavar="SECTION.KEY=VALUE",
                                    help="Override one key, e.g. --set train.lr=1e-3 (repeatable; value in TOML syntax)."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default: the config's `out`, runs/gpo-toy)."),
@@ -46,6 +48,8 @@ def train_cmd(
     debug: bool = typer.Option(False, help="Show the full traceback of an error."),
 ) -> None:
     """Improve a diffusion model at a measurable skill with GPO, from its own samples.
+
+    Every config key, its default and its meaning: `gpo-fast config --preset NAME`.
 
     With no arguments: the toy world. The shipped tiny SD3 transformer draws dots; GPO teaches it to
     draw as many as the prompt says. Prints held-out accuracy before and after (1000 samples each),
@@ -68,10 +72,18 @@ def train_cmd(
         _fail(f"{run_dir} already holds a finished run; choose another --out (nothing was changed)")
     try:
         _run_training(config)
-    except (FileNotFoundError, ValueError) as e:
+    except _user_errors() as e:
         if debug:
             raise
         _fail(str(e))
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean bad input (a path, a prompt file, missing weights), answered in one sentence."""
+    from gpo_fast.models.sd3 import ModelLoadError
+    from gpo_fast.rewards.base import RewardEngineError
+
+    return FileNotFoundError, ValueError, ModelLoadError, RewardEngineError
 
 
 def _run_training(config) -> None:
@@ -88,17 +100,74 @@ def _run_training(config) -> None:
                              "degenerate {task.fields[degenerate]:.2f}"),
                   TimeElapsedColumn(), console=console, transient=False) as bar:
         task = bar.add_task("rollouts", total=config.train.rollouts, reward=0.0, loss=0.0, degenerate=0.0)
+        updates = bar.add_task("updates ", total=config.train.rollouts * config.train.inner_updates, reward=0.0,
+                               loss=0.0, degenerate=0.0)
 
         def on_rollout(row):
-            bar.update(task, advance=1, reward=row["reward_mean"], loss=row["loss"],
-                       degenerate=row["degenerate_fraction"])
+            fields = dict(reward=row["reward_mean"], loss=row["loss"], degenerate=row["degenerate_fraction"])
+            bar.update(task, advance=1, **fields)
+            bar.update(updates, **fields)
 
-        result = train(config, log=console.print, progress=on_rollout)
+        result = train(config, log=console.print, progress=on_rollout,
+                       on_update=lambda done: bar.update(updates, completed=done))
     s = result.summary
     lo, hi = s["gain_ci95"]
     console.print(f"accuracy before {s['accuracy_before']:.3f}, after {s['accuracy_after']:.3f} "
                   f"(strict counter, {s['eval_samples']} held-out samples): gain {s['gain'] * 100:+.1f} points, "
                   f"95% CI [{lo * 100:+.1f}, {hi * 100:+.1f}]; {s['wall_seconds']:.0f} s. Run folder: {config.out}")
+
+
+@app.command("config")
+def config_cmd(
+    config_file: Optional[Path] = typer.Argument(None, metavar="[CONFIG]", help="A TOML config to resolve."),
+    preset: str = typer.Option("toy", help="The preset to start from: toy, sd35m-counting, sd35m-text."),
+    set_: list[str] = typer.Option([], "--set", metavar="SECTION.KEY=VALUE", help="Override one key (repeatable)."),
+) -> None:
+    """Print the resolved config: every key, its value and what it means (TOML; a valid config file).
+
+    Every key can be set in a TOML file passed to `gpo-fast train CONFIG` or with --set section.key=value.
+    """
+    from gpo_fast.config import ConfigError, describe_config, load_config
+
+    try:
+        typer.echo(describe_config(load_config(config_file, preset, list(set_))), nl=False)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+@app.command("prompts")
+def prompts_cmd(
+    kind: str = typer.Argument(..., metavar="counting|text", help="counting: 'a photo of {n} {objects}' over the "
+                               "detector's classes; text: 'a sign that says \"{word}\"' over the shipped word list."),
+    out: Path = typer.Option(..., "--out", help="JSONL file to write (one prompt per line, with a train/eval split)."),
+    eval_fraction: float = typer.Option(0.2, min=0.01, max=0.99, help="Share of items held out for evaluation."),
+    seed: int = typer.Option(0, help="Seed of the train/eval split."),
+    n_min: int = typer.Option(1, min=1, max=20, help="counting: smallest count asked for."),
+    n_max: int = typer.Option(6, min=1, max=20, help="counting: largest count asked for."),
+    words: Optional[Path] = typer.Option(None, help="text: a word list (one per line) instead of the shipped one."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Generate a prompt set with its metadata (class and count; target text) as JSONL.
+
+    Train and eval splits are disjoint by item: a (class, count) pair or a word is either trained on or
+    held out, never both. Use the file with --set data.prompts=FILE.jsonl.
+    """
+    from gpo_fast.prompts import make_prompt_set
+
+    if kind not in ("counting", "text"):
+        _fail(f"unknown prompt set '{kind}'; choose counting or text")
+    if n_min > n_max:
+        _fail(f"--n-min ({n_min}) is above --n-max ({n_max})")
+    if out.exists() and not overwrite:
+        _fail(f"{out} already exists; choose another --out or pass --overwrite")
+    if words is not None and not words.is_file():
+        _fail(f"word list {words} does not exist")
+    try:
+        n_train, n_eval = make_prompt_set(kind, out, eval_fraction=eval_fraction, seed=seed, n_min=n_min, n_max=n_max,
+                                          words_file=words)
+    except (OSError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {n_train} train and {n_eval} eval prompts to {out}")
 
 
 toy_app = typer.Typer(help="The toy world: a tiny SD3 transformer that learns to draw and count dots on a CPU.",

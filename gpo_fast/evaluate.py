@@ -39,3 +39,32 @@ def evaluate_toy(
         "mean_count": strict.float().mean().item(),
         "accuracy_per_n": {n: (strict[wanted == n] == n).float().mean().item() for n in range(1, MAX_DOTS + 1)},
     }, images
+
+
+def evaluate_prompts(
+    model: DiffusionModel, reward, prompts: list, *, n_samples: int, steps: int, cfg_scale: float, seed: int,
+    batch_size: int = 0,
+) -> tuple[dict, torch.Tensor]:
+    """Accuracy (the reward's exact success) and mean reward on n_samples fixed-seed samples, the eval
+    prompts cycled in order; images come back on the CPU."""
+    chosen = [prompts[i % len(prompts)] for i in range(n_samples)]
+    gen = torch.Generator().manual_seed(seed)
+    step = batch_size or n_samples
+    images, rewards, correct = [], [], []
+    for i in range(0, n_samples, step):  # one batch at a time: sample, decode, score, keep only the images
+        part = chosen[i:i + step]
+        imgs = model.decode(sample(model, [p.text for p in part], steps=steps, cfg_scale=cfg_scale, generator=gen,
+                                   batch_size=step)).float().cpu()
+        res = reward.measure(imgs, part)
+        images.append(imgs)
+        rewards.append(res.reward.float().cpu())
+        correct.append(res.correct.cpu())
+    rewards, correct = torch.cat(rewards), torch.cat(correct)
+    acc = correct.float().mean().item()
+    return {
+        "n_samples": n_samples,
+        "accuracy": acc,
+        "accuracy_stderr": math.sqrt(acc * (1 - acc) / n_samples),
+        "reward_mean": rewards.nanmean().item(),
+        "failed": int(rewards.isnan().sum()),
+    }, torch.cat(images)

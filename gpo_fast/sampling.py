@@ -1,7 +1,8 @@
 """Sampling: the deterministic flow-matching ODE (Euler) with classifier-free guidance, and group rollouts.
 
-Noise levels go from 1 (pure noise) to 0 in `steps` equal steps; v = v_uncond + w * (v_cond - v_uncond);
-x <- x + (sigma_next - sigma) * v. Each image has its own starting noise, drawn from a seeded generator,
+Noise levels go from 1 (pure noise) to 0 along the model's schedule (equal steps for the toy model,
+the shifted schedule of the scheduler for SD3, as its pipeline samples); v = v_uncond + w * (v_cond -
+v_uncond); x <- x + (sigma_next - sigma) * v, in float32. Each image has its own starting noise, drawn from a seeded generator,
 so a rollout is reproducible.
 """
 
@@ -33,7 +34,7 @@ def _euler(model, prompts, x, steps, cfg_scale):
     guided = cfg_scale != 1.0
     if guided:
         both = PromptEmbeds.cat([model.encode_prompts([""] * len(prompts)), cond])
-    sigmas = torch.linspace(1.0, 0.0, steps + 1, device=x.device)
+    sigmas = model.schedule(steps).to(x.device)
     for i in range(steps):
         s = sigmas[i]
         if guided:
@@ -47,9 +48,11 @@ def _euler(model, prompts, x, steps, cfg_scale):
 
 def rollout(
     model: DiffusionModel, prompts: list[str], group_size: int, *, steps: int, cfg_scale: float,
-    generator: torch.Generator,
+    generator: torch.Generator, batch_size: int = 0,
 ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """G samples per prompt, members of a group contiguous: (prompts per sample, latents, images)."""
+    """G samples per prompt, members of a group contiguous: (prompts per sample, latents, images).
+    batch_size: images per sampler forward (0: all at once)."""
     per_sample = [p for p in prompts for _ in range(group_size)]
-    latents = sample(model, per_sample, steps=steps, cfg_scale=cfg_scale, generator=generator)
+    latents = sample(model, per_sample, steps=steps, cfg_scale=cfg_scale, generator=generator,
+                     batch_size=batch_size or len(per_sample))
     return per_sample, latents, model.decode(latents)

@@ -26,38 +26,39 @@ from pathlib import Path
 
 import torch
 
+from gpo_fast.components import build_model, build_prompts, build_reward, resolve_device
 from gpo_fast.config import Config, dump_config
-from gpo_fast.evaluate import evaluate_toy
+from gpo_fast.evaluate import evaluate_prompts, evaluate_toy
 from gpo_fast.kernels import gpo_loss, sample_mse
-from gpo_fast.models import ToyModel
+from gpo_fast.models.base import DiffusionModel
 from gpo_fast.objective import loss_from_errors
-from gpo_fast.rewards import DotCountReward
 from gpo_fast.sampling import rollout
-from gpo_fast.toy.data import PROMPTS
 
 
 @dataclass
 class RunResult:
     summary: dict
     history: list[dict] = field(default_factory=list)
+    model: object = None  # the trained policy (the kept adapter loaded)
 
 
-def draw_sigmas(n: int, cfg, steps: int, generator: torch.Generator) -> torch.Tensor:
-    """(n,) noise levels in [sigma_min, sigma_max] from the configured distribution."""
+def draw_sigmas(n: int, cfg, schedule: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(n,) noise levels in [sigma_min, sigma_max] from the configured distribution; `schedule` is the
+    sampler's (steps + 1,) noise levels, used by sigma_dist = "schedule"."""
     if cfg.sigma_dist == "logit-normal":
         s = torch.sigmoid(torch.randn(n, generator=generator))
     elif cfg.sigma_dist == "uniform":
         s = torch.rand(n, generator=generator)
     else:  # the sampler's own noise levels
-        grid = torch.linspace(1.0, 0.0, steps + 1)[:-1]
-        s = grid[torch.randint(0, steps, (n,), generator=generator)]
+        grid = schedule[:-1].float().cpu()
+        s = grid[torch.randint(0, len(grid), (n,), generator=generator)]
     return s.clamp(cfg.sigma_min, cfg.sigma_max)
 
 
-def group_noise(x0: torch.Tensor, group_size: int, cfg, steps: int, generator: torch.Generator):
+def group_noise(x0: torch.Tensor, group_size: int, cfg, schedule: torch.Tensor, generator: torch.Generator):
     """x_s, u and s per sample, with s and eps shared within each group (members differ only by x0)."""
     n_groups = x0.shape[0] // group_size
-    s = draw_sigmas(n_groups, cfg, steps, generator).repeat_interleave(group_size).to(x0.device)
+    s = draw_sigmas(n_groups, cfg, schedule, generator).repeat_interleave(group_size).to(x0.device)
     eps = torch.randn((n_groups, *x0.shape[1:]), generator=generator).repeat_interleave(group_size, 0).to(x0.device)
     s_ = s.view(-1, *[1] * (x0.dim() - 1))
     return (1 - s_) * x0 + s_ * eps, eps - x0, s
@@ -89,116 +90,140 @@ def make_schedule(opt, cfg, total_updates: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def gpo_update(model: ToyModel, x0, prompts, rewards, config: Config, generator) -> dict:
+def gpo_update(model: DiffusionModel, x0, prompts: list[str], rewards, config: Config, generator) -> dict:
     """One inner update's forward and backward (no optimizer step). Returns per-update stats."""
     t, r = config.train, config.rollout
-    x_s, u, s = group_noise(x0, r.group_size, t, r.steps, generator)
+    x_s, u, s = group_noise(x0, r.group_size, t, model.schedule(r.steps), generator)
     embeds = model.encode_prompts(prompts)
     loss_kw = dict(group_size=r.group_size, beta=t.beta, objective=t.objective, eps_std=t.eps_std, min_std=t.min_std)
-    with torch.no_grad(), model.reference() as reference:
-        ref_err = sample_mse(reference.predict(x_s, s, embeds), u)  # the reference prediction dies here
     n = x0.shape[0]
     mb = t.micro_batch if 0 < t.micro_batch < n else n
+    with torch.no_grad(), model.reference() as reference:  # each reference prediction dies at once
+        ref_err = torch.cat([sample_mse(reference.predict(x_s[i:i + mb], s[i:i + mb], embeds[i:i + mb]), u[i:i + mb])
+                             for i in range(0, n, mb)])
     if mb == n:
         loss, policy_err = gpo_loss(model.predict(x_s, s, embeds), u, ref_err, rewards, return_policy_err=True,
                                     **loss_kw)
         loss.backward()
     else:
         with torch.no_grad():
-            policy_err = torch.cat([sample_mse(model.predict(x_s[i:i + mb], s[i:i + mb], _slice(embeds, i, mb)),
+            policy_err = torch.cat([sample_mse(model.predict(x_s[i:i + mb], s[i:i + mb], embeds[i:i + mb]),
                                                u[i:i + mb]) for i in range(0, n, mb)])
         e = policy_err.clone().requires_grad_(True)
         loss = loss_from_errors(e, ref_err, rewards, **loss_kw)
         (coef,) = torch.autograd.grad(loss, e)
         for i in range(0, n, mb):
-            pred = model.predict(x_s[i:i + mb], s[i:i + mb], _slice(embeds, i, mb))
+            pred = model.predict(x_s[i:i + mb], s[i:i + mb], embeds[i:i + mb])
             (coef[i:i + mb] * sample_mse(pred, u[i:i + mb])).sum().backward()
     d = policy_err - ref_err
     return {"loss": loss.item(), "mean_abs_d": d.abs().mean().item(),
             "implicit_acc": implicit_reward_accuracy(d, rewards, r.group_size)}
 
 
-def _slice(embeds, i, mb):
-    from gpo_fast.models.base import PromptEmbeds
-
-    return PromptEmbeds(embeds.hidden[i:i + mb], embeds.pooled[i:i + mb])
-
-
 def degenerate_fraction(rewards: torch.Tensor, group_size: int, min_std: float) -> float:
     return (rewards.view(-1, group_size).std(dim=1, unbiased=False) < min_std).float().mean().item()
 
 
-def train(config: Config, log=print, progress=None) -> RunResult:
-    """Run GPO as configured; writes the run folder and returns the summary."""
+def fill_failed(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """A member whose reward engine failed (NaN) gets its group's mean reward: advantage 0, so it neither
+    pulls nor pushes; a group with no finite reward becomes degenerate."""
+    r = rewards.view(-1, group_size)
+    ok = torch.isfinite(r)
+    mean = torch.where(ok, r, 0.0).sum(1, keepdim=True) / ok.sum(1, keepdim=True).clamp(min=1)
+    return torch.where(ok, r, mean).view(-1)
+
+
+def train(config: Config, log=print, progress=None, on_update=None) -> RunResult:
+    """Run GPO as configured; writes the run folder and returns the summary.
+
+    progress(row) is called after each rollout with its metrics row; on_update(done) after each update.
+    """
     from torch.utils.tensorboard import SummaryWriter
 
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(dump_config(config))
     start = time.time()
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
 
-    device = torch.device(config.device if config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(config)
     # bf16 autocast on a GPU; float32 on the CPU
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-    model = ToyModel.from_pretrained(config.model.path).to(device)
-    if config.lora.enabled:
-        model.add_lora(config.lora.rank, config.lora.alpha, config.lora.targets)
-    else:
-        model.enable_full_finetune()
-    if config.train.gradient_checkpointing:
-        model.transformer.enable_gradient_checkpointing()
+    # what can fail on bad input (a prompt file, the model path) fails before anything is written
+    builtin_prompts = config.data.prompts in ("toy", "counting", "text")
+    if not builtin_prompts:
+        train_prompts, eval_prompts = build_prompts(config)
+    model = build_model(config, device)
+    reward_fn = build_reward(config, device)
+    if hasattr(reward_fn, "load"):  # missing detector / OCR weights: say so before anything is written
+        reward_fn.load()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(dump_config(config))
+    if builtin_prompts:
+        train_prompts, eval_prompts = build_prompts(config, out)
+    if hasattr(model, "cache_prompts"):  # encode every prompt once, then the text encoders leave the GPU
+        model.cache_prompts([p.text for p in train_prompts + eval_prompts])
     params = model.trainable_parameters()
     opt = make_optimizer(params, config.train)
     total_updates = config.train.rollouts * config.train.inner_updates
     sched = make_schedule(opt, config.train, total_updates)
-    reward_fn = DotCountReward(config.reward.min_size, config.reward.partial_credit)
-    ev = config.eval
-    eval_kw = dict(n_samples=ev.samples, steps=ev.steps, cfg_scale=ev.cfg_scale)
-    select_seed = ev.seed + 1  # validation seeds pick the best adapter; ev.seed measures it
+    ev, ro = config.eval, config.rollout
 
-    before, before_images = evaluate_toy(model, seed=ev.seed, **eval_kw)
+    def evaluate(seed: int):
+        model.eval()
+        with amp():
+            if config.model.kind == "toy":
+                return evaluate_toy(model, n_samples=ev.samples, steps=ev.steps, cfg_scale=ev.cfg_scale, seed=seed)
+            return evaluate_prompts(model, reward_fn, eval_prompts, n_samples=ev.samples, steps=ev.steps,
+                                    cfg_scale=ev.cfg_scale, seed=seed, batch_size=ro.batch_size)
+
+    select_seed = ev.seed + 1  # validation seeds pick the best adapter; ev.seed measures it
+    before, before_images = evaluate(ev.seed)
     log(f"before: accuracy {before['accuracy']:.3f} +- {before['accuracy_stderr']:.3f} on {ev.samples} held-out samples")
-    best = _snapshot(model, 0, evaluate_toy(model, seed=select_seed, **eval_kw)[0]["accuracy"]) if ev.every else None
+    best = _snapshot(model, 0, evaluate(select_seed)[0]["accuracy"]) if ev.every else None
     writer = SummaryWriter(str(out / "tensorboard"))
     history = []
-    train_prompts = list(PROMPTS[1:])
     metrics_file = (out / "metrics.jsonl").open("w")
     updates = 0
     for rnd in range(1, config.train.rollouts + 1):
         t0 = time.time()
-        idx = torch.randint(0, len(train_prompts), (config.rollout.prompts,), generator=gen)
+        idx = torch.randint(0, len(train_prompts), (ro.prompts,), generator=gen)
         prompts = [train_prompts[i] for i in idx]
+        per_sample = [p for p in prompts for _ in range(ro.group_size)]
+        texts = [p.text for p in per_sample]
         model.eval()
         with amp():
-            per_sample, x0, images = rollout(model, prompts, config.rollout.group_size, steps=config.rollout.steps,
-                                             cfg_scale=config.rollout.cfg_scale, generator=gen)
+            _, x0, images = rollout(model, [p.text for p in prompts], ro.group_size, steps=ro.steps,
+                                    cfg_scale=ro.cfg_scale, generator=gen, batch_size=ro.batch_size)
         x0 = x0.float()
-        rewards = reward_fn.score(images, per_sample).to(x0.device)
+        scored = reward_fn.measure(images.float().cpu(), per_sample)
+        failed = int(torch.isnan(scored.reward).sum())
+        rewards = fill_failed(scored.reward.float(), ro.group_size).to(x0.device)
+        del images
         stats = []
         for _ in range(config.train.inner_updates):
             opt.zero_grad(set_to_none=True)
             model.train()
             with amp():
-                stats.append(gpo_update(model, x0, per_sample, rewards, config, gen))
+                stats.append(gpo_update(model, x0, texts, rewards, config, gen))
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.train.grad_clip).item()
             opt.step()
             sched.step()
             updates += 1
+            if on_update is not None:
+                on_update(updates)
         row = {
             "rollout": rnd, "updates": updates,
             "loss": sum(s["loss"] for s in stats) / len(stats),
             "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
-            "accuracy": (reward_fn.score(images, per_sample) == 1).float().mean().item()
-            if not config.reward.partial_credit else float("nan"),
-            "degenerate_fraction": degenerate_fraction(rewards, config.rollout.group_size, config.train.min_std),
+            "accuracy": scored.correct.float().mean().item(),
+            "degenerate_fraction": degenerate_fraction(rewards, ro.group_size, config.train.min_std),
             "implicit_acc": _nanmean([s["implicit_acc"] for s in stats]),
             "mean_abs_d": sum(s["mean_abs_d"] for s in stats) / len(stats),
             "grad_norm": grad_norm, "lr": sched.get_last_lr()[0], "step_seconds": time.time() - t0,
+            "reward_failures": failed,
         }
         if ev.every and rnd % ev.every == 0:
-            metrics, val_images = evaluate_toy(model, seed=select_seed, **eval_kw)
+            metrics, val_images = evaluate(select_seed)
             acc = row["val_accuracy"] = metrics["accuracy"]
             _save_grid(val_images[:50], out / "samples" / f"rollout-{rnd:05d}.png")
             if acc > best["accuracy"]:
@@ -208,7 +233,7 @@ def train(config: Config, log=print, progress=None) -> RunResult:
                                        for k, v in row.items()}) + "\n")
         metrics_file.flush()
         for k, v in row.items():
-            if isinstance(v, float) and math.isfinite(v):
+            if isinstance(v, (int, float)) and math.isfinite(v):
                 writer.add_scalar(k, v, rnd)
         if progress is not None:
             progress(row)
@@ -218,7 +243,7 @@ def train(config: Config, log=print, progress=None) -> RunResult:
     metrics_file.close()
 
     if ev.every:  # a last look at the final weights, then keep the best on the validation seeds
-        acc = evaluate_toy(model, seed=select_seed, **eval_kw)[0]["accuracy"]
+        acc = evaluate(select_seed)[0]["accuracy"]
         if acc > best["accuracy"]:
             best = _snapshot(model, rnd, acc)
         _load_trained_state(model, best["state"])
@@ -228,22 +253,24 @@ def train(config: Config, log=print, progress=None) -> RunResult:
         model.save_adapter(out / "adapter")
     else:
         model.save_pretrained(out / "model")
-    after, after_images = evaluate_toy(model, seed=ev.seed, **eval_kw)
+    after, after_images = evaluate(ev.seed)
     gain = after["accuracy"] - before["accuracy"]
     gain_se = math.sqrt(before["accuracy_stderr"] ** 2 + after["accuracy_stderr"] ** 2)
     summary = {
         "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
         "gain": gain, "gain_ci95": [gain - 1.96 * gain_se, gain + 1.96 * gain_se],
-        "accuracy_lenient_before": before["accuracy_lenient"], "accuracy_lenient_after": after["accuracy_lenient"],
-        "blank_before": before["blank_fraction"], "blank_after": after["blank_fraction"],
         "best_rollout": best["rollout"], "rollouts": rnd, "steps": updates,
         "wall_seconds": time.time() - start, "objective": config.train.objective, "seed": config.seed,
         "eval_samples": ev.samples, "eval_before": before, "eval_after": after,
     }
+    if config.model.kind == "toy":  # the toy world also reports the lenient counter and blank images
+        summary.update({
+            "accuracy_lenient_before": before["accuracy_lenient"], "accuracy_lenient_after": after["accuracy_lenient"],
+            "blank_before": before["blank_fraction"], "blank_after": after["blank_fraction"]})
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     writer.close()
     _save_plots(out, before_images, after_images, history)
-    return RunResult(summary, history)
+    return RunResult(summary, history, model)
 
 
 def _nanmean(xs):
@@ -251,13 +278,13 @@ def _nanmean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def _snapshot(model: ToyModel, rollout: int, accuracy: float) -> dict:
+def _snapshot(model, rollout: int, accuracy: float) -> dict:
     """A copy of the trained weights (the adapter, or the transformer when fully fine-tuned)."""
     state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
     return {"rollout": rollout, "accuracy": accuracy, "state": state}
 
 
-def _load_trained_state(model: ToyModel, state: dict) -> None:
+def _load_trained_state(model, state: dict) -> None:
     with torch.no_grad():
         for k, v in model.named_parameters():
             if k in state:
@@ -265,12 +292,18 @@ def _load_trained_state(model: ToyModel, state: dict) -> None:
 
 
 def _save_grid(images: torch.Tensor, path: Path) -> None:
-    """Images in [-1, 1] as a 10-wide grid, 4x nearest-neighbour upscaled so single pixels are visible."""
+    """Images in [-1, 1] as a 10-wide grid of thumbnails: tiny images upscaled (nearest, so single
+    pixels stay visible), large ones shrunk to 128 px."""
     from torchvision.utils import make_grid, save_image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    up = torch.nn.functional.interpolate((images.detach().float().cpu() + 1) / 2, scale_factor=4, mode="nearest")
-    save_image(make_grid(up, nrow=10, pad_value=0.5), path)
+    x = (images.detach().float().cpu() + 1) / 2
+    side = x.shape[-1]
+    if side < 64:
+        x = torch.nn.functional.interpolate(x, scale_factor=64 // side, mode="nearest")
+    elif side > 128:
+        x = torch.nn.functional.interpolate(x, size=(128, 128), mode="area")
+    save_image(make_grid(x, nrow=10, pad_value=0.5), path)
 
 
 def _save_plots(out: Path, before_images, after_images, history) -> None:

@@ -93,7 +93,7 @@ def test_gpo_raises_the_implicit_reward_of_high_reward_samples():
         out = []
         with torch.no_grad():
             for _ in range(8):
-                x_s, u, s = group_noise(x0, 4, cfg.train, 8, g)
+                x_s, u, s = group_noise(x0, 4, cfg.train, model.schedule(8), g)
                 emb = model.encode_prompts(prompts)
                 e = sample_mse(model.predict(x_s, s, emb), u)
                 with model.reference():

@@ -1,16 +1,25 @@
 """The interface between the training loop and a diffusion model (flow matching, velocity prediction).
 
 Conventions: latents x (B, *latent_shape); noise level sigma in [0, 1] per sample; x_sigma =
-(1 - sigma) * x0 + sigma * eps; the model predicts the velocity u = eps - x0. The loop never imports
-diffusers: it calls these methods only.
+(1 - sigma) * x0 + sigma * eps; the model predicts the velocity u = eps - x0; the transformer sees
+timestep = 1000 * sigma (SD3's convention). The loop never imports diffusers: it calls these methods only.
+
+`AdapterMixin` holds what every model built on a diffusers transformer (`self.transformer`) shares:
+the LoRA adapter through peft, the reference (adapter disabled, or a frozen copy when every weight
+trains), and the adapter saved and loaded in diffusers' pipeline LoRA format.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
+
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: pipe.load_lora_weights(folder) finds it
 
 
 @dataclass
@@ -22,6 +31,12 @@ class PromptEmbeds:
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
+
+    def __getitem__(self, index: slice) -> "PromptEmbeds":
+        return PromptEmbeds(self.hidden[index], self.pooled[index])
+
+    def to(self, *args, **kwargs) -> "PromptEmbeds":
+        return PromptEmbeds(self.hidden.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
 
     def repeat_interleave(self, k: int) -> "PromptEmbeds":
         return PromptEmbeds(self.hidden.repeat_interleave(k, 0), self.pooled.repeat_interleave(k, 0))
@@ -43,3 +58,90 @@ class DiffusionModel(Protocol):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1], (B, C, H, W), for the rewards."""
+
+    def schedule(self, steps: int) -> torch.Tensor:
+        """The sampler's noise levels, (steps + 1,) float32 from 1 down to 0."""
+
+
+class AdapterMixin:
+    """LoRA, reference and adapter files for a model whose denoiser is `self.transformer`."""
+
+    transformer: torch.nn.Module
+
+    def add_lora(self, rank: int, alpha: float, targets: list[str]) -> None:
+        """Freeze the base and wrap the target projections with a LoRA adapter (B = 0: output unchanged)."""
+        from diffusers.utils import logging as diffusers_logging
+        from peft import LoraConfig
+
+        self.requires_grad_(False)
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # peft's dtype cast makes diffusers warn about fp32 modules
+        try:
+            self.transformer.add_adapter(
+                LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian")
+            )
+        except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+            raise ValueError(f"lora.targets: {e}") from None
+        finally:
+            diffusers_logging.set_verbosity(level)
+        # peft keeps the LoRA weights in the base weights' dtype; train them in float32 (bf16 Adam
+        # updates underflow), the base stays in bf16
+        for p in self.transformer.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+
+    @property
+    def has_adapter(self) -> bool:
+        return bool(getattr(self.transformer, "_hf_peft_config_loaded", False))
+
+    def enable_full_finetune(self) -> None:
+        """Train every transformer weight; the reference becomes a frozen copy of the transformer."""
+        frozen = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+        object.__setattr__(self, "_frozen_transformer", frozen)  # not a submodule: neither trained nor saved
+        self.requires_grad_(False)
+        self.transformer.requires_grad_(True)
+
+    def denoiser(self) -> torch.nn.Module:
+        """The transformer predict() runs: the trained one, or the frozen copy inside reference()."""
+        active = getattr(self, "_active_transformer", None)
+        return self.transformer if active is None else active
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The frozen base model: the adapter disabled inside the block (or the frozen copy)."""
+        frozen = getattr(self, "_frozen_transformer", None)
+        if frozen is not None:
+            object.__setattr__(self, "_active_transformer", frozen)
+            try:
+                yield self
+            finally:
+                object.__setattr__(self, "_active_transformer", None)
+            return
+        if not self.has_adapter:
+            raise RuntimeError("the reference needs an adapter (add_lora) or a frozen copy (enable_full_finetune)")
+        self.transformer.disable_adapters()
+        try:
+            yield self
+        finally:
+            self.transformer.enable_adapters()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def save_adapter(self, directory: Path) -> None:
+        """The LoRA adapter in diffusers' pipeline format (pytorch_lora_weights.safetensors, keys
+        prefixed `transformer.`), the layout `load_lora_weights` of a diffusers pipeline reads."""
+        from diffusers import StableDiffusion3Pipeline
+        from peft.utils import get_peft_model_state_dict
+
+        StableDiffusion3Pipeline.save_lora_weights(
+            str(directory), transformer_lora_layers=get_peft_model_state_dict(self.transformer)
+        )
+
+    def load_adapter(self, directory: Path) -> None:
+        """Load an adapter written by save_adapter (or any SD3 LoRA in diffusers' format)."""
+        path = Path(directory) / ADAPTER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no adapter in {directory} (expected {ADAPTER_FILE}); "
+                                    "pass the `adapter` folder of a finished run")
+        self.transformer.load_lora_adapter(str(directory), weight_name=ADAPTER_FILE, prefix="transformer")

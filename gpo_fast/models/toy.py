@@ -7,8 +7,6 @@ the latents are the pixels.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,7 +15,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 
-from gpo_fast.models.base import PromptEmbeds
+from gpo_fast.models.base import AdapterMixin, PromptEmbeds
 from gpo_fast.toy.data import IMAGE_SIZE, PROMPTS
 
 SHIPPED = Path(__file__).resolve().parent.parent / "toy" / "weights"
@@ -35,7 +33,7 @@ class ToyModelConfig:
     prompts: tuple[str, ...] = PROMPTS
 
 
-class ToyModel(torch.nn.Module):
+class ToyModel(AdapterMixin, torch.nn.Module):
     def __init__(self, config: ToyModelConfig | None = None):
         super().__init__()
         self.config = c = config or ToyModelConfig()
@@ -75,7 +73,7 @@ class ToyModel(torch.nn.Module):
 
     def predict(self, latents: torch.Tensor, sigmas: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
         timestep = (sigmas * 1000.0).expand(latents.shape[0]).to(latents.dtype)  # SD3's convention
-        return self.transformer(
+        return self.denoiser()(
             hidden_states=latents, encoder_hidden_states=embeds.hidden, pooled_projections=embeds.pooled,
             timestep=timestep, return_dict=False,
         )[0]
@@ -83,65 +81,8 @@ class ToyModel(torch.nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents.clamp(-1.0, 1.0)
 
-    # -- adapter and reference ---------------------------------------------------------------
-    def add_lora(self, rank: int, alpha: float, targets: list[str]) -> None:
-        """Freeze the base and wrap the target projections with a LoRA adapter (B = 0: output unchanged)."""
-        from peft import LoraConfig
-
-        from diffusers.utils import logging as diffusers_logging
-
-        self.requires_grad_(False)
-        level = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()  # peft's dtype cast makes diffusers warn about fp32 modules
-        try:
-            self.transformer.add_adapter(
-                LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian")
-            )
-        finally:
-            diffusers_logging.set_verbosity(level)
-
-    @property
-    def has_adapter(self) -> bool:
-        return bool(getattr(self.transformer, "_hf_peft_config_loaded", False))
-
-    def enable_full_finetune(self) -> None:
-        """Train every transformer weight; the reference becomes a frozen copy of the current model."""
-        reference = copy.deepcopy(self).requires_grad_(False).eval()
-        object.__setattr__(self, "_reference_copy", reference)  # not a submodule: neither trained nor saved
-        self.requires_grad_(False)
-        self.transformer.requires_grad_(True)
-
-    @contextlib.contextmanager
-    def reference(self):
-        """The frozen base model: the adapter disabled inside the block (or the frozen copy)."""
-        frozen = getattr(self, "_reference_copy", None)
-        if frozen is not None:
-            yield frozen
-            return
-        if not self.has_adapter:
-            raise RuntimeError("the reference needs an adapter (add_lora) or a frozen copy (enable_full_finetune)")
-        self.transformer.disable_adapters()
-        try:
-            yield self
-        finally:
-            self.transformer.enable_adapters()
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def save_adapter(self, directory: Path) -> None:
-        """The LoRA adapter in diffusers' pipeline format (pytorch_lora_weights.safetensors, keys
-        prefixed `transformer.`), the layout `load_lora_weights` of a diffusers pipeline reads."""
-        from diffusers import StableDiffusion3Pipeline
-        from peft.utils import get_peft_model_state_dict
-
-        StableDiffusion3Pipeline.save_lora_weights(
-            str(directory), transformer_lora_layers=get_peft_model_state_dict(self.transformer)
-        )
-
-    def load_adapter(self, directory: Path) -> None:
-        self.transformer.load_lora_adapter(str(directory), weight_name="pytorch_lora_weights.safetensors",
-                                           prefix="transformer")
+    def schedule(self, steps: int) -> torch.Tensor:
+        return torch.linspace(1.0, 0.0, steps + 1)  # plain Euler on equal steps: the toy model trains on uniform noise
 
     # -- weights ------------------------------------------------------------------------------
     def save_pretrained(self, directory: Path, manifest: dict | None = None) -> Path:

@@ -1,0 +1,256 @@
+"""Stable Diffusion 3 / 3.5 (Medium, Large) behind the loop's interface, over diffusers' components.
+
+- Loading: `StableDiffusion3Pipeline.from_pretrained` of a hub id or a local folder; bf16 weights on a
+  GPU, float32 on the CPU. T5 (the third text encoder, 4.7 B parameters) is "full", "8bit"
+  (bitsandbytes) or "off" (the pipeline then feeds zeros in its place, as diffusers does).
+- Prompts: encoded once each through the pipeline's own `encode_prompt` (CLIP-L, CLIP-G, T5) and
+  cached on the CPU (and on disk under `embeds_cache`); `release_text_encoders()` moves the encoders
+  off the GPU once the prompt set is cached.
+- Latents: SD3's VAE space, `z = (vae(x) - shift) * scale`; `decode` inverts it, sliced (and tiled
+  when asked) so a whole group decodes in bounded memory.
+- Sampling schedule: the scheduler's own shifted sigmas (FlowMatchEulerDiscreteScheduler, shift 3
+  for SD3.5), so the trainer's Euler sampler and `StableDiffusion3Pipeline.__call__` take the same steps.
+- LoRA and the reference: `AdapterMixin` (peft adapter on the MMDiT attention projections; the
+  reference is the same transformer with the adapter disabled).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from gpo_fast.models.base import AdapterMixin, PromptEmbeds
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
+# MMDiT attention: image-stream q/k/v/out and text-stream (add_*) q/k/v/out
+SD3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be loaded, phrased for the user: what is wrong and what to do."""
+
+
+def is_local_path(path: str) -> bool:
+    """A folder on disk (or meant as one), as opposed to a Hugging Face hub id 'owner/name'."""
+    return Path(path).expanduser().exists() or not _HUB_ID.match(path)
+
+
+class SD3Model(AdapterMixin, torch.nn.Module):
+    def __init__(self, pipe, resolution: int, device: torch.device, dtype: torch.dtype,
+                 embeds_cache: str | None = None, vae_tiling: bool = False):
+        super().__init__()
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae
+        # not submodules: the encoders are used once per prompt and leave the GPU after caching
+        object.__setattr__(self, "_pipe", pipe)
+        self.scheduler = pipe.scheduler
+        self.dtype = dtype
+        self._device = torch.device(device)
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if resolution % (self.vae_scale * self.transformer.config.patch_size):
+            raise ValueError(f"model.resolution {resolution} must be a multiple of "
+                             f"{self.vae_scale * self.transformer.config.patch_size} for this model")
+        side = resolution // self.vae_scale
+        self.latent_shape = (self.transformer.config.in_channels, side, side)
+        self.resolution = resolution
+        self._cache: dict[str, PromptEmbeds] = {}
+        self._disk = Path(embeds_cache).expanduser() if embeds_cache else None
+        self._encoders_on_device = False
+        self.vae.enable_slicing()
+        if vae_tiling:
+            self.vae.enable_tiling()
+        self.transformer.to(self._device)
+        self.vae.to(self._device)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    # -- loading ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str = DEFAULT_MODEL, *, resolution: int = 512, device="cpu",
+                        dtype: torch.dtype | None = None, t5: str = "full", attention: str = "sdpa",
+                        embeds_cache: str | None = None, vae_tiling: bool = False) -> "SD3Model":
+        """Load SD3 / SD3.5 from a hub id or a local folder (ModelLoadError, one sentence, on failure)."""
+        from diffusers import StableDiffusion3Pipeline
+
+        device = torch.device(device)
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        local = is_local_path(path)
+        if local and not Path(path).expanduser().is_dir():
+            raise ModelLoadError(f"model path {path} does not exist; pass a folder holding a diffusers SD3 "
+                                 "pipeline (model_index.json) or a hub id such as "
+                                 f"{DEFAULT_MODEL} with --set model.path=...")
+        source = str(Path(path).expanduser()) if local else path
+        kwargs: dict = {"torch_dtype": dtype}
+        if t5 == "off":
+            kwargs.update(text_encoder_3=None, tokenizer_3=None)
+        try:
+            if t5 == "8bit":
+                kwargs["text_encoder_3"] = _t5_8bit(source, dtype)
+            with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype; older ones know only it
+                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+                pipe = StableDiffusion3Pipeline.from_pretrained(source, **kwargs)
+        except ModelLoadError:
+            raise
+        except (OSError, ValueError, ConnectionError) as e:
+            raise ModelLoadError(_load_error(path, local, e)) from None
+        if attention == "xformers":
+            _enable_xformers(pipe.transformer, device)
+        return cls(pipe, resolution, device, dtype, embeds_cache=embeds_cache, vae_tiling=vae_tiling)
+
+    # -- prompts ------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if missing:
+            self._encode(missing)
+        return PromptEmbeds.cat([self._cache[p] for p in prompts]).to(self._device)
+
+    def cache_prompts(self, prompts: list[str], batch_size: int = 16) -> None:
+        """Encode every prompt (and '', the unconditional one) now; then free the encoders' GPU memory."""
+        todo = [p for p in dict.fromkeys(["", *prompts]) if p not in self._cache]
+        for i in range(0, len(todo), batch_size):
+            self._encode(todo[i:i + batch_size])
+        self.release_text_encoders()
+
+    def release_text_encoders(self) -> None:
+        for enc in self._text_encoders():
+            if not _is_quantized(enc):  # bitsandbytes modules cannot move devices
+                enc.to("cpu")
+        self._encoders_on_device = False
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _text_encoders(self):
+        pipe = self._pipe
+        return [e for e in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) if e is not None]
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> None:
+        todo = []
+        for p in prompts:
+            hit = self._load_cached(p)
+            if hit is not None:
+                self._cache[p] = hit
+            else:
+                todo.append(p)
+        if not todo:
+            return
+        if not self._encoders_on_device:
+            for enc in self._text_encoders():
+                if not _is_quantized(enc):
+                    enc.to(self._device)
+            self._encoders_on_device = True
+        hidden, _, pooled, _ = self._pipe.encode_prompt(
+            prompt=todo, prompt_2=None, prompt_3=None, device=self._device, do_classifier_free_guidance=False,
+        )
+        for i, p in enumerate(todo):
+            e = PromptEmbeds(hidden[i:i + 1].to(self.dtype).cpu(), pooled[i:i + 1].to(self.dtype).cpu())
+            self._cache[p] = e
+            self._store_cached(p, e)
+
+    def _cache_file(self, prompt: str) -> Path | None:
+        if self._disk is None:
+            return None
+        return self._disk / f"{hashlib.sha256(prompt.encode()).hexdigest()[:32]}.safetensors"
+
+    def _load_cached(self, prompt: str) -> PromptEmbeds | None:
+        from safetensors.torch import load_file
+
+        f = self._cache_file(prompt)
+        if f is None or not f.is_file():
+            return None
+        t = load_file(str(f))
+        return PromptEmbeds(t["hidden"].to(self.dtype), t["pooled"].to(self.dtype))
+
+    def _store_cached(self, prompt: str, e: PromptEmbeds) -> None:
+        from safetensors.torch import save_file
+
+        f = self._cache_file(prompt)
+        if f is None:
+            return
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(".tmp")
+        save_file({"hidden": e.hidden.contiguous(), "pooled": e.pooled.contiguous()}, str(tmp),
+                  metadata={"prompt": prompt})
+        tmp.replace(f)  # atomic: a killed run never leaves half a file under the final name
+
+    def save_pretrained(self, directory: Path) -> None:
+        """The fully fine-tuned transformer in diffusers' format (loads with SD3Transformer2DModel)."""
+        self.transformer.save_pretrained(str(directory))
+
+    # -- denoising ----------------------------------------------------------------------------
+    def predict(self, latents: torch.Tensor, sigmas: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
+        timestep = (torch.as_tensor(sigmas, dtype=torch.float32, device=latents.device) * 1000.0
+                    ).expand(latents.shape[0])
+        return self.denoiser()(
+            hidden_states=latents.to(self.dtype), encoder_hidden_states=embeds.hidden.to(self.dtype),
+            pooled_projections=embeds.pooled.to(self.dtype), timestep=timestep, return_dict=False,
+        )[0]
+
+    def schedule(self, steps: int) -> torch.Tensor:
+        import copy
+
+        sched = copy.deepcopy(self.scheduler)  # set_timesteps mutates the scheduler
+        kwargs = {}
+        if sched.config.get("use_dynamic_shifting", False):
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+            c, p = sched.config, self.transformer.config.patch_size
+            seq = (self.latent_shape[1] // p) * (self.latent_shape[2] // p)
+            kwargs["mu"] = calculate_shift(seq, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                                           c.get("base_shift", 0.5), c.get("max_shift", 1.16))
+        sched.set_timesteps(steps, device="cpu", **kwargs)
+        return sched.sigmas.float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        c = self.vae.config
+        z = latents.to(self.vae.dtype) / c.scaling_factor + (c.shift_factor or 0.0)
+        return self.vae.decode(z, return_dict=False)[0].float().clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] to latents (the mode of the VAE's posterior), for tests and warm starts."""
+        c = self.vae.config
+        z = self.vae.encode(images.to(self._device, self.vae.dtype)).latent_dist.mode()
+        return ((z - (c.shift_factor or 0.0)) * c.scaling_factor).float()
+
+
+def _is_quantized(module: torch.nn.Module) -> bool:
+    return bool(getattr(module, "is_loaded_in_8bit", False) or getattr(module, "is_loaded_in_4bit", False)
+                or getattr(module, "quantization_method", None))
+
+
+def _t5_8bit(source: str, dtype: torch.dtype):
+    """T5-XXL in 8 bits through bitsandbytes (about 5 GB instead of 9.5 GB in bf16); needs a CUDA GPU."""
+    if not torch.cuda.is_available():
+        raise ModelLoadError("model.t5 = '8bit' needs a CUDA GPU (bitsandbytes 8-bit layers); "
+                             "use 'full' or 'off' on this machine")
+    from transformers import BitsAndBytesConfig, T5EncoderModel
+
+    return T5EncoderModel.from_pretrained(source, subfolder="text_encoder_3", torch_dtype=dtype,
+                                          quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+
+
+def _enable_xformers(transformer, device: torch.device) -> None:
+    from diffusers.utils import is_xformers_available
+
+    if device.type != "cuda" or not is_xformers_available():
+        raise ModelLoadError("model.attention = 'xformers' needs the xformers package and a CUDA GPU; install "
+                             "it with `pip install gpo-fast[xformers]` or keep the default 'sdpa'")
+    transformer.enable_xformers_memory_efficient_attention()
+
+
+def _load_error(path: str, local: bool, err: Exception) -> str:
+    if local:
+        return (f"{path} is not a loadable SD3 pipeline folder ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                "it needs model_index.json and the component folders that `save_pretrained` writes")
+    return (f"could not load '{path}' from the Hugging Face hub (no network, or a gated model not yet accepted: "
+            f"accept its licence on huggingface.co and run `hf auth login`); download it where there is "
+            "network and pass the folder with --set model.path=/path/to/folder")

@@ -1,0 +1,78 @@
+"""A tiny random StableDiffusion3Pipeline built in code, offline (shared/notes/environment.md).
+
+Two tiny CLIP text encoders with projection, no T5, a tiny SD3 transformer, a tiny VAE (scale 2, 16
+latent channels as SD3's), the flow-matching scheduler with SD3.5's shift 3. Tokenizers are written as
+files (a byte-level vocabulary, no merges) because transformers 5 builds a 2-token vocabulary from
+constructor arguments.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+IMAGE_SIZE = 32
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2 / CLIP byte-level BPE's printable stand-in for each of the 256 bytes."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return list(out.values())
+
+
+def _write_tokenizer(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _byte_chars()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
+
+
+def build_tiny_sd3(folder: Path, seed: int = 0) -> Path:
+    """Save a tiny SD3 pipeline (float32, random weights) to folder and return it."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tok_dir = folder / "_tokenizer_src"
+    _write_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    clip = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                vocab_size=len(tokenizer), projection_dim=16, max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip))
+    transformer = SD3Transformer2DModel(
+        sample_size=IMAGE_SIZE // 2, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+        pooled_projection_dim=32, pos_embed_max_size=IMAGE_SIZE // 2,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=16, norm_num_groups=4, sample_size=IMAGE_SIZE, use_quant_conv=False,
+        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.save_pretrained(str(folder))
+    return folder

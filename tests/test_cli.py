@@ -1,0 +1,51 @@
+"""The small commands: `gpo-fast config` prints a config that reloads to the same thing, and
+`gpo-fast prompts` writes a set that loads with disjoint splits."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpo_fast.config import load_config
+from gpo_fast.prompts import item_key, load_prompts
+
+GPO_FAST = str(Path(sys.executable).with_name("gpo-fast"))
+
+
+def _run(*args):
+    return subprocess.run([GPO_FAST, *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("preset", ["toy", "sd35m-counting", "sd35m-text"])
+def test_config_prints_every_key_and_reloads_to_the_preset(preset, tmp_path):
+    out = _run("config", "--preset", preset, "--set", "train.lr=0.002")
+    assert out.returncode == 0, out.stderr
+    assert "# Optimizer updates per rollout" in out.stdout  # keys come with their meaning
+    path = tmp_path / "c.toml"
+    path.write_text(out.stdout)
+    assert load_config(path) == load_config(preset=preset, overrides=["train.lr=0.002"])
+
+
+def test_config_rejects_an_unknown_key_in_one_sentence():
+    out = _run("config", "--set", "train.nope=1")
+    assert out.returncode == 2 and "train.nope" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_prompts_writes_disjoint_splits_and_refuses_to_overwrite(tmp_path):
+    path = tmp_path / "text.jsonl"
+    out = _run("prompts", "text", "--out", str(path), "--eval-fraction", "0.25")
+    assert out.returncode == 0, out.stderr
+    train, held = load_prompts(path, split="train"), load_prompts(path, split="eval")
+    assert train and held and not {item_key(p) for p in train} & {item_key(p) for p in held}
+    assert abs(len(held) / (len(train) + len(held)) - 0.25) < 0.02
+    before = path.read_text()
+    again = _run("prompts", "counting", "--out", str(path))
+    assert again.returncode == 2 and "exists" in again.stderr and path.read_text() == before
+
+
+def test_prompts_counting_respects_the_count_range(tmp_path):
+    path = tmp_path / "c.jsonl"
+    assert _run("prompts", "counting", "--out", str(path), "--n-min", "2", "--n-max", "4").returncode == 0
+    ns = {p.n for p in load_prompts(path)}
+    assert ns == {2, 3, 4}

@@ -1,0 +1,160 @@
+"""The SD3-family adapter on a tiny SD3 pipeline built in code (no download): sampling as the diffusers
+pipeline samples, prompt caching, two GPO steps through the loop, the adapter loaded by
+StableDiffusion3Pipeline.load_lora_weights giving the trainer's images, and load errors."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpo_fast.models.sd3 import ModelLoadError, SD3Model
+from gpo_fast.sampling import sample
+from sd3_tiny import IMAGE_SIZE, build_tiny_sd3
+
+PROMPT = "a photo of three cats"
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory):
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"))
+
+
+def _pipeline(folder):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _pipeline_latents(pipe, noise, steps=3, cfg=4.0):
+    return pipe([PROMPT] * noise.shape[0], latents=noise.clone(), num_inference_steps=steps, guidance_scale=cfg,
+                height=IMAGE_SIZE, width=IMAGE_SIZE, output_type="latent").images
+
+
+def test_sampler_takes_the_pipelines_steps(tiny_sd3):
+    model = SD3Model.from_pretrained(str(tiny_sd3), resolution=IMAGE_SIZE, t5="off")
+    assert model.latent_shape == (16, IMAGE_SIZE // 2, IMAGE_SIZE // 2)
+    sigmas = model.schedule(3)
+    assert sigmas[0] == 1.0 and sigmas[-1] == 0.0 and sigmas[1] > 2 / 3  # shift 3 keeps more steps at high noise
+    ours = sample(model, [PROMPT] * 2, steps=3, cfg_scale=4.0, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours, _pipeline_latents(_pipeline(tiny_sd3), noise), rtol=1e-5, atol=1e-5)
+    images = model.decode(ours)
+    assert images.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE) and images.abs().max() <= 1.0
+
+
+def test_prompt_embeddings_are_cached_on_disk_and_encoders_released(tiny_sd3, tmp_path):
+    model = SD3Model.from_pretrained(str(tiny_sd3), resolution=IMAGE_SIZE, t5="off", embeds_cache=str(tmp_path))
+    model.cache_prompts([PROMPT, "two dogs"])
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3  # the two prompts and '' (unconditional)
+    first = model.encode_prompts([PROMPT, ""])
+    fresh = SD3Model.from_pretrained(str(tiny_sd3), resolution=IMAGE_SIZE, t5="off", embeds_cache=str(tmp_path))
+    fresh._pipe.text_encoder = None  # from the disk cache, no encoder may run
+    fresh._pipe.text_encoder_2 = None
+    again = fresh.encode_prompts([PROMPT, ""])
+    assert torch.equal(first.hidden, again.hidden) and torch.equal(first.pooled, again.pooled)
+    assert not torch.equal(first.hidden[0], first.hidden[1])
+
+
+class _BrightnessReward:
+    """A dense stand-in reward (mean brightness), so every group has spread and the adapter moves."""
+
+    def measure(self, images, prompts):
+        from gpo_fast.rewards.base import RewardResult
+
+        r = images.float().mean(dim=(1, 2, 3))
+        return RewardResult(r, r > 0, [{} for _ in prompts])
+
+
+def test_two_gpo_steps_then_the_pipeline_loads_the_adapter_and_draws_the_same(tiny_sd3, tmp_path, monkeypatch):
+    from gpo_fast import train as train_module
+    from gpo_fast.config import load_config
+    from gpo_fast.train import train
+
+    monkeypatch.setattr(train_module, "build_reward", lambda config, device: _BrightnessReward())
+    cfg = load_config(preset="sd35m-counting", overrides=[
+        f'model.path="{tiny_sd3}"', f"model.resolution={IMAGE_SIZE}", 'model.t5="off"', f'out="{tmp_path / "run"}"',
+        "lora.rank=4", "lora.alpha=4.0", "rollout.prompts=2", "rollout.group_size=4", "rollout.steps=2",
+        "rollout.batch_size=4", "train.rollouts=1", "train.inner_updates=2", "train.lr=0.01", "train.warmup_updates=0",
+        "train.micro_batch=4", 'train.optimizer="adamw"', "eval.samples=10", "eval.steps=2", "eval.every=0",
+    ])
+    result = train(cfg, log=lambda *a: None)
+    run = tmp_path / "run"
+    assert (run / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    assert (run / "prompts.jsonl").is_file() and result.summary["steps"] == 2
+    lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().max() > 0 for p in lora_b)  # two steps moved the adapter off zero
+
+    noise = torch.randn((2, *result.model.latent_shape), generator=torch.Generator().manual_seed(7))
+    ours = sample(result.model, [PROMPT] * 2, steps=3, cfg_scale=4.0, generator=torch.Generator().manual_seed(7))
+    pipe = _pipeline(tiny_sd3)
+    base = _pipeline_latents(pipe, noise)
+    pipe.load_lora_weights(str(run / "adapter"))
+    tuned = _pipeline_latents(pipe, noise)
+    assert (tuned - base).abs().max() > 1e-4  # the adapter changes the pipeline's images ...
+    torch.testing.assert_close(tuned, ours, rtol=1e-4, atol=1e-5)  # ... into the trainer's policy's
+
+
+def test_a_model_path_that_does_not_exist_is_one_sentence():
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        SD3Model.from_pretrained("/nowhere/sd3", t5="off")
+
+
+def test_a_hub_id_without_network_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="model.path"):
+        SD3Model.from_pretrained("someone/not-a-model", t5="off")
+
+
+def test_xformers_without_cuda_is_refused_clearly(tiny_sd3):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine may have xformers")
+    with pytest.raises(ModelLoadError, match="xformers"):
+        SD3Model.from_pretrained(str(tiny_sd3), resolution=IMAGE_SIZE, t5="off", attention="xformers")
+
+
+GPO_FAST = str(Path(sys.executable).with_name("gpo-fast"))
+
+
+def test_cli_missing_model_path_exit_2_no_traceback(tmp_path):
+    out = subprocess.run([GPO_FAST, "train", "--preset", "sd35m-counting", "--set", 'model.path="/nowhere/sd3"',
+                          "--out", str(tmp_path / "r")], capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2, out.stderr
+    assert "/nowhere/sd3" in out.stderr and "Traceback" not in out.stderr + out.stdout
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_cli_bad_prompt_line_names_the_line_exit_2(tmp_path):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "a photo of two cats", "task": "counting", "class": "cat", "n": 2}\n'
+                   '{"prompt": "a photo of two unicorns", "task": "counting", "class": "unicorn", "n": 2}\n')
+    out = subprocess.run([GPO_FAST, "train", "--preset", "sd35m-counting", "--set", f'data.prompts="{bad}"',
+                          "--out", str(tmp_path / "r")], capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert "line 2" in out.stderr and "unicorn" in out.stderr and "Traceback" not in out.stderr + out.stdout
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_trains_the_tiny_sd3_with_a_yaml_built_yolo(tiny_sd3, tmp_path):
+    """The real path end to end: gpo-fast train, an SD3 pipeline folder, YOLO counting (random weights
+    from its yaml, so only the plumbing is tested), the built-in counting prompt set."""
+    run = tmp_path / "run"
+    out = subprocess.run([
+        GPO_FAST, "train", "--preset", "sd35m-counting", "--out", str(run),
+        "--set", f'model.path="{tiny_sd3}"', "--set", f"model.resolution={IMAGE_SIZE}", "--set", 'model.t5="off"',
+        "--set", 'reward.detector="yolo11n.yaml"', "--set", "reward.conf=0.001", "--set", "reward.partial_credit=true",
+        "--set", "rollout.prompts=2", "--set", "rollout.group_size=2", "--set", "rollout.steps=2",
+        "--set", "train.rollouts=1", "--set", "train.inner_updates=1", "--set", 'train.optimizer="adamw"',
+        "--set", "eval.samples=10", "--set", "eval.steps=2", "--set", "eval.every=0",
+    ], capture_output=True, text=True, env={**os.environ, "YOLO_CONFIG_DIR": str(tmp_path / "yolo")})
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = __import__("json").loads((run / "summary.json").read_text())
+    assert summary["steps"] == 1 and 0.0 <= summary["accuracy_after"] <= 1.0
+    assert (run / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    assert "accuracy before" in out.stdout
