@@ -117,6 +117,93 @@ def _run_training(config) -> None:
                   f"95% CI [{lo * 100:+.1f}, {hi * 100:+.1f}]; {s['wall_seconds']:.0f} s. Run folder: {config.out}")
 
 
+def _load(config_file, preset, set_, extra=()) -> "object":
+    from gpo_fast.config import ConfigError, load_config
+
+    try:
+        return load_config(config_file, preset, [*set_, *extra])
+    except ConfigError as e:
+        _fail(str(e))
+
+
+@app.command("eval")
+def eval_cmd(
+    config_file: Optional[Path] = typer.Argument(None, metavar="[CONFIG]", help="A TOML config (e.g. a run's config.toml)."),
+    preset: str = typer.Option("toy", help="Starting point: toy, sd35m-counting, sd35m-text."),
+    set_: list[str] = typer.Option([], "--set", metavar="SECTION.KEY=VALUE", help="Override one key (repeatable)."),
+    adapter: Optional[Path] = typer.Option(None, help="A run folder of `gpo-fast train`, or its adapter folder, to "
+                                                      "evaluate beside the base model."),
+    out: Path = typer.Option(Path("runs/eval"), help="Folder for report.json, grid.png and accuracy.png."),
+    samples: Optional[int] = typer.Option(None, min=10, help="Samples per model (default: the config's eval.samples)."),
+    debug: bool = typer.Option(False, help="Show the full traceback of an error."),
+) -> None:
+    """Accuracy on the eval prompts with fixed seeds: the base model and, with --adapter, the tuned one.
+
+    The same held-out seeds and prompts for both, so the difference is the training's. Prints both
+    accuracies, the gain and its 95% interval; writes report.json, grid.png (base row, tuned row) and
+    accuracy.png (a bar plot).
+    """
+    from gpo_fast.evaluate import run_eval
+
+    extra = [f"eval.samples={samples}"] if samples else []
+    config = _load(config_file, preset, set_, extra)
+    if adapter is not None and not adapter.exists():
+        _fail(f"--adapter {adapter} does not exist; pass a run folder of `gpo-fast train` or its adapter folder")
+    try:
+        run_eval(config, adapter, out, log=typer.echo)
+    except _user_errors() as e:
+        if debug:
+            raise
+        _fail(str(e))
+    typer.echo(f"wrote {out / 'report.json'}")
+
+
+@app.command("sample")
+def sample_cmd(
+    prompt: list[str] = typer.Option(..., "--prompt", help="A prompt (repeatable)."),
+    config_file: Optional[Path] = typer.Argument(None, metavar="[CONFIG]", help="A TOML config (e.g. a run's config.toml)."),
+    preset: str = typer.Option("toy", help="Which model: toy, sd35m-counting, sd35m-text (their model section)."),
+    set_: list[str] = typer.Option([], "--set", metavar="SECTION.KEY=VALUE", help="Override one key (repeatable)."),
+    adapter: Optional[Path] = typer.Option(None, help="A run folder of `gpo-fast train`, or its adapter folder."),
+    n: int = typer.Option(4, min=1, help="Images per prompt."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Sampler steps (default: the config's eval.steps)."),
+    cfg: Optional[float] = typer.Option(None, min=1.0, help="Guidance scale (default: the config's eval.cfg_scale)."),
+    seed: int = typer.Option(0, help="Seed of the starting noise."),
+    out: Path = typer.Option(Path("runs/samples"), help="Folder for the PNG files."),
+    debug: bool = typer.Option(False, help="Show the full traceback of an error."),
+) -> None:
+    """Draw images from the base model, or from a trained adapter, into PNG files."""
+    import torch
+    from torchvision.utils import save_image
+
+    from gpo_fast.components import build_model, resolve_device
+    from gpo_fast.evaluate import load_tuned
+    from gpo_fast.sampling import sample
+
+    config = _load(config_file, preset, set_)
+    if adapter is not None and not adapter.exists():
+        _fail(f"--adapter {adapter} does not exist; pass a run folder of `gpo-fast train` or its adapter folder")
+    try:
+        model = build_model(config, resolve_device(config), trainable=False)
+        if adapter is not None:
+            load_tuned(model, adapter)
+        texts = [p for p in prompt for _ in range(n)]
+        with torch.no_grad():
+            images = model.decode(sample(model, texts, steps=steps or config.eval.steps,
+                                         cfg_scale=cfg or config.eval.cfg_scale,
+                                         generator=torch.Generator().manual_seed(seed),
+                                         batch_size=config.rollout.batch_size or len(texts))).float().cpu()
+    except _user_errors() as e:
+        if debug:
+            raise
+        _fail(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (text, img) in enumerate(zip(texts, images)):
+        slug = "".join(c if c.isalnum() else "-" for c in text.lower())[:40].strip("-") or "empty"
+        save_image((img + 1) / 2, out / f"{i:03d}-{slug}.png")
+    typer.echo(f"wrote {len(texts)} images to {out}")
+
+
 @app.command("config")
 def config_cmd(
     config_file: Optional[Path] = typer.Argument(None, metavar="[CONFIG]", help="A TOML config to resolve."),

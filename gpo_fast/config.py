@@ -165,7 +165,9 @@ _SD35M = {
         "resolution": 512,      # the paper's neighbours train SD3.5-M at 512 px; 4x cheaper than 1024
         "t5": "full",           # prompts are encoded once and T5 leaves the GPU: quality at no training cost
     },
-    "lora": {"rank": 32, "alpha": 32.0},  # Flow-GRPO's rank on SD3.5-M; alpha = rank keeps the scale at 1
+    # Flow-GRPO's rank on SD3.5-M (it wraps the attn projections only; ours also SD3.5's second
+    # attention, attn2); alpha = rank keeps the scale at 1
+    "lora": {"rank": 32, "alpha": 32.0},
     "rollout": {
         "prompts": 4,           # 4 groups x 8 = 32 images per rollout: one consumer-GPU sampling batch of 8 at a time
         "group_size": 8,        # GPO needs spread inside a group; 8 keeps degenerate groups rare at ~30-60% accuracy
@@ -174,17 +176,19 @@ _SD35M = {
         "batch_size": 8,        # one group per sampler forward: bounded memory
     },
     "train": {
-        "rollouts": 300,
+        "rollouts": 300,        # 9,600 images (~96 per train prompt at 384 counting prompts): a few GPU-hours at 512 px
         "inner_updates": 2,     # fresh noise per update: 2 passes over each rollout before it goes stale
-        "objective": "gpo",
+        "objective": "gpo",     # the method; the toy ablation (README) has dpo close: compare with train.objective
         "beta": 1000.0,         # the toy world's measured default; Diffusion-DPO used 2500 for SD1.5
         "lr": 1e-4,             # LoRA on a 2.5 B transformer: 30x below the toy's lr (its adapter is 50x smaller)
-        "warmup_updates": 20,
+        "warmup_updates": 20,   # a fresh adapter and 8-bit Adam moments: no full-size first steps
         "micro_batch": 8,       # one group per forward+backward (group-exact: the full-group gradient)
         "gradient_checkpointing": True,  # activations, not weights, dominate at 512 px and G = 8
         "sigma_dist": "logit-normal",    # SD3's own training distribution of noise levels
     },
-    "eval": {"samples": 400, "every": 50, "steps": 28, "cfg_scale": 4.5},  # 28 steps: diffusers' default for SD3
+    # 400 samples: +-2.5 points of standard error at 50% accuracy; every 50 rollouts keeps the best of 6
+    # checkpoints (on validation seeds); 28 steps is diffusers' default for SD3; CFG as in the rollouts
+    "eval": {"samples": 400, "every": 50, "steps": 28, "cfg_scale": 4.5},
     "out": "runs/sd35m",
 }
 

@@ -32,6 +32,7 @@ from gpo_fast.evaluate import evaluate_prompts, evaluate_toy
 from gpo_fast.kernels import gpo_loss, sample_mse
 from gpo_fast.models.base import DiffusionModel
 from gpo_fast.objective import loss_from_errors
+from gpo_fast.prompts import write_jsonl
 from gpo_fast.sampling import rollout
 
 
@@ -148,20 +149,20 @@ def train(config: Config, log=print, progress=None, on_update=None) -> RunResult
     device = resolve_device(config)
     # bf16 autocast on a GPU; float32 on the CPU
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-    # what can fail on bad input (a prompt file, the model path) fails before anything is written
-    builtin_prompts = config.data.prompts in ("toy", "counting", "text")
-    if not builtin_prompts:
-        train_prompts, eval_prompts = build_prompts(config)
-    model = build_model(config, device)
+    # what can fail on bad input (a prompt file, weights, the model path) fails before anything is written
+    train_prompts, eval_prompts = build_prompts(config)  # a prompt file is checked against the COCO classes
     reward_fn = build_reward(config, device)
-    if hasattr(reward_fn, "load"):  # missing detector / OCR weights: say so before anything is written
+    if hasattr(reward_fn, "load"):  # missing detector / OCR weights: say so now
         reward_fn.load()
+    classes = list(getattr(reward_fn, "names", {}).values()) or None  # a prompt's class must be the detector's
+    if classes and config.data.prompts not in ("toy", "counting", "text"):
+        train_prompts, eval_prompts = build_prompts(config, classes=classes)
+    model = build_model(config, device, prompts=[p.text for p in train_prompts + eval_prompts])
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(dump_config(config))
-    if builtin_prompts:
-        train_prompts, eval_prompts = build_prompts(config, out)
-    if hasattr(model, "cache_prompts"):  # encode every prompt once, then the text encoders leave the GPU
-        model.cache_prompts([p.text for p in train_prompts + eval_prompts])
+    if config.model.kind != "toy":  # the prompts of this run, for the record
+        write_jsonl(train_prompts + eval_prompts, out / "prompts.jsonl",
+                    ["train"] * len(train_prompts) + ["eval"] * len(eval_prompts))
     params = model.trainable_parameters()
     opt = make_optimizer(params, config.train)
     total_updates = config.train.rollouts * config.train.inner_updates
@@ -178,6 +179,7 @@ def train(config: Config, log=print, progress=None, on_update=None) -> RunResult
 
     select_seed = ev.seed + 1  # validation seeds pick the best adapter; ev.seed measures it
     before, before_images = evaluate(ev.seed)
+    before_images = before_images[:50]  # all a grid shows; the rest would sit in memory all run
     log(f"before: accuracy {before['accuracy']:.3f} +- {before['accuracy_stderr']:.3f} on {ev.samples} held-out samples")
     best = _snapshot(model, 0, evaluate(select_seed)[0]["accuracy"]) if ev.every else None
     writer = SummaryWriter(str(out / "tensorboard"))
@@ -280,7 +282,7 @@ def _nanmean(xs):
 
 def _snapshot(model, rollout: int, accuracy: float) -> dict:
     """A copy of the trained weights (the adapter, or the transformer when fully fine-tuned)."""
-    state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.named_parameters() if v.requires_grad}  # off the GPU
     return {"rollout": rollout, "accuracy": accuracy, "state": state}
 
 

@@ -49,3 +49,38 @@ def test_prompts_counting_respects_the_count_range(tmp_path):
     assert _run("prompts", "counting", "--out", str(path), "--n-min", "2", "--n-max", "4").returncode == 0
     ns = {p.n for p in load_prompts(path)}
     assert ns == {2, 3, 4}
+
+
+def test_eval_of_a_run_reproduces_its_after_accuracy(tmp_path):
+    """gpo-fast eval with a run's adapter measures what the run measured on the same seeds."""
+    import json
+
+    from gpo_fast.train import train
+
+    cfg = ["eval.samples=40", "eval.steps=3", "eval.every=0", "train.rollouts=2", "train.inner_updates=1",
+           "rollout.prompts=2", "rollout.group_size=4", "rollout.steps=2", "train.lr=0.02"]
+    run = tmp_path / "run"
+    summary = train(load_config(overrides=[*cfg, f'out="{run}"']), log=lambda *a: None).summary
+    out = _run("eval", "--adapter", str(run), "--out", str(tmp_path / "ev"), *sum((["--set", c] for c in cfg), []))
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["base"]["accuracy"] == summary["accuracy_before"]
+    assert report["tuned"]["accuracy"] == summary["accuracy_after"]
+    assert abs(report["gain"] - (summary["accuracy_after"] - summary["accuracy_before"])) < 1e-9
+    assert (tmp_path / "ev" / "grid.png").is_file() and (tmp_path / "ev" / "accuracy.png").is_file()
+
+
+def test_eval_of_a_folder_without_an_adapter_is_one_sentence(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = _run("eval", "--adapter", str(tmp_path / "empty"), "--samples", "10", "--set", "eval.steps=1",
+               "--out", str(tmp_path / "ev"))
+    assert out.returncode == 2 and "no adapter" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_sample_writes_n_images_per_prompt_and_rejects_unknown_prompts(tmp_path):
+    out = _run("sample", "--prompt", "three dots", "--prompt", "1 dot", "--n", "3", "--steps", "2",
+               "--out", str(tmp_path / "s"))
+    assert out.returncode == 0, out.stderr
+    assert len(list((tmp_path / "s").glob("*.png"))) == 6
+    bad = _run("sample", "--prompt", "a cat", "--out", str(tmp_path / "b"))
+    assert bad.returncode == 2 and "a cat" in bad.stderr and "Traceback" not in bad.stderr

@@ -58,6 +58,14 @@ def test_prompt_embeddings_are_cached_on_disk_and_encoders_released(tiny_sd3, tm
     again = fresh.encode_prompts([PROMPT, ""])
     assert torch.equal(first.hidden, again.hidden) and torch.equal(first.pooled, again.pooled)
     assert not torch.equal(first.hidden[0], first.hidden[1])
+    # another model (or T5 setting) never reads these files: its embeddings are keyed apart
+    import shutil
+
+    copy = shutil.copytree(tiny_sd3, tmp_path / "other_model")
+    other = SD3Model.from_pretrained(str(copy), resolution=IMAGE_SIZE, t5="off", embeds_cache=str(tmp_path / "c"))
+    other._disk = tmp_path  # the same cache folder as above
+    other.cache_prompts([PROMPT])
+    assert len(list(tmp_path.glob("*.safetensors"))) == 5
 
 
 class _BrightnessReward:
@@ -78,7 +86,7 @@ def test_two_gpo_steps_then_the_pipeline_loads_the_adapter_and_draws_the_same(ti
     monkeypatch.setattr(train_module, "build_reward", lambda config, device: _BrightnessReward())
     cfg = load_config(preset="sd35m-counting", overrides=[
         f'model.path="{tiny_sd3}"', f"model.resolution={IMAGE_SIZE}", 'model.t5="off"', f'out="{tmp_path / "run"}"',
-        "lora.rank=4", "lora.alpha=4.0", "rollout.prompts=2", "rollout.group_size=4", "rollout.steps=2",
+        "lora.rank=4", "lora.alpha=8.0",  # alpha != rank: the file must carry it "rollout.prompts=2", "rollout.group_size=4", "rollout.steps=2",
         "rollout.batch_size=4", "train.rollouts=1", "train.inner_updates=2", "train.lr=0.01", "train.warmup_updates=0",
         "train.micro_batch=4", 'train.optimizer="adamw"', "eval.samples=10", "eval.steps=2", "eval.every=0",
     ])
@@ -122,7 +130,7 @@ GPO_FAST = str(Path(sys.executable).with_name("gpo-fast"))
 
 def test_cli_missing_model_path_exit_2_no_traceback(tmp_path):
     out = subprocess.run([GPO_FAST, "train", "--preset", "sd35m-counting", "--set", 'model.path="/nowhere/sd3"',
-                          "--out", str(tmp_path / "r")], capture_output=True, text=True,
+                          "--set", 'reward.detector="yolo11n.yaml"', "--out", str(tmp_path / "r")], capture_output=True, text=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 2, out.stderr
     assert "/nowhere/sd3" in out.stderr and "Traceback" not in out.stderr + out.stdout

@@ -99,7 +99,9 @@ class AdapterMixin:
         frozen = copy.deepcopy(self.transformer).requires_grad_(False).eval()
         object.__setattr__(self, "_frozen_transformer", frozen)  # not a submodule: neither trained nor saved
         self.requires_grad_(False)
-        self.transformer.requires_grad_(True)
+        # trained weights in float32 (bf16 drops updates below half its step: bf16(0.1) + 1e-4 == 0.1);
+        # autocast still computes in bf16 on the GPU; the frozen copy keeps the loaded dtype
+        self.transformer.float().requires_grad_(True)
 
     def denoiser(self) -> torch.nn.Module:
         """The transformer predict() runs: the trained one, or the frozen copy inside reference()."""
@@ -135,7 +137,9 @@ class AdapterMixin:
         from peft.utils import get_peft_model_state_dict
 
         StableDiffusion3Pipeline.save_lora_weights(
-            str(directory), transformer_lora_layers=get_peft_model_state_dict(self.transformer)
+            str(directory), transformer_lora_layers=get_peft_model_state_dict(self.transformer),
+            # rank and alpha travel with the weights: without them a loader assumes alpha = rank
+            transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
         )
 
     def load_adapter(self, directory: Path) -> None:

@@ -42,7 +42,8 @@ def is_local_path(path: str) -> bool:
 
 class SD3Model(AdapterMixin, torch.nn.Module):
     def __init__(self, pipe, resolution: int, device: torch.device, dtype: torch.dtype,
-                 embeds_cache: str | None = None, vae_tiling: bool = False):
+                 embeds_cache: str | None = None, vae_tiling: bool = False, cache_key: str = "",
+                 prompts: list[str] | None = None):
         super().__init__()
         self.transformer = pipe.transformer
         self.vae = pipe.vae
@@ -60,10 +61,13 @@ class SD3Model(AdapterMixin, torch.nn.Module):
         self.resolution = resolution
         self._cache: dict[str, PromptEmbeds] = {}
         self._disk = Path(embeds_cache).expanduser() if embeds_cache else None
+        self._cache_key = cache_key  # model and text-encoder setup: a disk cache never mixes them
         self._encoders_on_device = False
         self.vae.enable_slicing()
         if vae_tiling:
             self.vae.enable_tiling()
+        if prompts:  # encode while the GPU holds only the text encoders, then swap in the transformer
+            self.cache_prompts(prompts)
         self.transformer.to(self._device)
         self.vae.to(self._device)
 
@@ -75,8 +79,10 @@ class SD3Model(AdapterMixin, torch.nn.Module):
     @classmethod
     def from_pretrained(cls, path: str = DEFAULT_MODEL, *, resolution: int = 512, device="cpu",
                         dtype: torch.dtype | None = None, t5: str = "full", attention: str = "sdpa",
-                        embeds_cache: str | None = None, vae_tiling: bool = False) -> "SD3Model":
-        """Load SD3 / SD3.5 from a hub id or a local folder (ModelLoadError, one sentence, on failure)."""
+                        embeds_cache: str | None = None, vae_tiling: bool = False,
+                        prompts: list[str] | None = None) -> "SD3Model":
+        """Load SD3 / SD3.5 from a hub id or a local folder (ModelLoadError, one sentence, on failure).
+        `prompts` are encoded and cached before the transformer moves to the device."""
         from diffusers import StableDiffusion3Pipeline
 
         device = torch.device(device)
@@ -92,7 +98,7 @@ class SD3Model(AdapterMixin, torch.nn.Module):
             kwargs.update(text_encoder_3=None, tokenizer_3=None)
         try:
             if t5 == "8bit":
-                kwargs["text_encoder_3"] = _t5_8bit(source, dtype)
+                kwargs["text_encoder_3"] = _t5_8bit(source, dtype, device)
             with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype; older ones know only it
                 warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
                 pipe = StableDiffusion3Pipeline.from_pretrained(source, **kwargs)
@@ -102,7 +108,9 @@ class SD3Model(AdapterMixin, torch.nn.Module):
             raise ModelLoadError(_load_error(path, local, e)) from None
         if attention == "xformers":
             _enable_xformers(pipe.transformer, device)
-        return cls(pipe, resolution, device, dtype, embeds_cache=embeds_cache, vae_tiling=vae_tiling)
+        key = f"{Path(source).resolve() if local else source}|t5={t5}|{dtype}"
+        return cls(pipe, resolution, device, dtype, embeds_cache=embeds_cache, vae_tiling=vae_tiling, cache_key=key,
+                   prompts=prompts)
 
     # -- prompts ------------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
@@ -120,8 +128,7 @@ class SD3Model(AdapterMixin, torch.nn.Module):
 
     def release_text_encoders(self) -> None:
         for enc in self._text_encoders():
-            if not _is_quantized(enc):  # bitsandbytes modules cannot move devices
-                enc.to("cpu")
+            _move(enc, "cpu")
         self._encoders_on_device = False
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
@@ -143,8 +150,7 @@ class SD3Model(AdapterMixin, torch.nn.Module):
             return
         if not self._encoders_on_device:
             for enc in self._text_encoders():
-                if not _is_quantized(enc):
-                    enc.to(self._device)
+                _move(enc, self._device)
             self._encoders_on_device = True
         hidden, _, pooled, _ = self._pipe.encode_prompt(
             prompt=todo, prompt_2=None, prompt_3=None, device=self._device, do_classifier_free_guidance=False,
@@ -157,7 +163,8 @@ class SD3Model(AdapterMixin, torch.nn.Module):
     def _cache_file(self, prompt: str) -> Path | None:
         if self._disk is None:
             return None
-        return self._disk / f"{hashlib.sha256(prompt.encode()).hexdigest()[:32]}.safetensors"
+        key = f"{self._cache_key}|{prompt}"
+        return self._disk / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
 
     def _load_cached(self, prompt: str) -> PromptEmbeds | None:
         from safetensors.torch import load_file
@@ -165,7 +172,12 @@ class SD3Model(AdapterMixin, torch.nn.Module):
         f = self._cache_file(prompt)
         if f is None or not f.is_file():
             return None
-        t = load_file(str(f))
+        try:
+            t = load_file(str(f))
+        except Exception:  # noqa: BLE001 - a damaged cache file is re-encoded, not fatal
+            return None
+        if t.get("hidden") is None or t.get("pooled") is None or t["hidden"].dim() != 3:
+            return None
         return PromptEmbeds(t["hidden"].to(self.dtype), t["pooled"].to(self.dtype))
 
     def _store_cached(self, prompt: str, e: PromptEmbeds) -> None:
@@ -188,9 +200,11 @@ class SD3Model(AdapterMixin, torch.nn.Module):
     def predict(self, latents: torch.Tensor, sigmas: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
         timestep = (torch.as_tensor(sigmas, dtype=torch.float32, device=latents.device) * 1000.0
                     ).expand(latents.shape[0])
-        return self.denoiser()(
-            hidden_states=latents.to(self.dtype), encoder_hidden_states=embeds.hidden.to(self.dtype),
-            pooled_projections=embeds.pooled.to(self.dtype), timestep=timestep, return_dict=False,
+        net = self.denoiser()
+        dt = net.dtype  # bf16 weights, or float32 when every weight trains (autocast computes in bf16)
+        return net(
+            hidden_states=latents.to(dt), encoder_hidden_states=embeds.hidden.to(dt),
+            pooled_projections=embeds.pooled.to(dt), timestep=timestep, return_dict=False,
         )[0]
 
     def schedule(self, steps: int) -> torch.Tensor:
@@ -222,20 +236,25 @@ class SD3Model(AdapterMixin, torch.nn.Module):
         return ((z - (c.shift_factor or 0.0)) * c.scaling_factor).float()
 
 
-def _is_quantized(module: torch.nn.Module) -> bool:
-    return bool(getattr(module, "is_loaded_in_8bit", False) or getattr(module, "is_loaded_in_4bit", False)
-                or getattr(module, "quantization_method", None))
+def _move(module: torch.nn.Module, device) -> None:
+    """Move an encoder; an 8-bit bitsandbytes model moves too where the versions allow it (transformers
+    with bitsandbytes >= 0.48), and otherwise stays where it was loaded."""
+    try:
+        module.to(device)
+    except (ValueError, RuntimeError, TypeError):
+        pass
 
 
-def _t5_8bit(source: str, dtype: torch.dtype):
+def _t5_8bit(source: str, dtype: torch.dtype, device: torch.device):
     """T5-XXL in 8 bits through bitsandbytes (about 5 GB instead of 9.5 GB in bf16); needs a CUDA GPU."""
-    if not torch.cuda.is_available():
+    if device.type != "cuda" or not torch.cuda.is_available():
         raise ModelLoadError("model.t5 = '8bit' needs a CUDA GPU (bitsandbytes 8-bit layers); "
                              "use 'full' or 'off' on this machine")
     from transformers import BitsAndBytesConfig, T5EncoderModel
 
     return T5EncoderModel.from_pretrained(source, subfolder="text_encoder_3", torch_dtype=dtype,
-                                          quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+                                          quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                                          device_map={"": str(device)})
 
 
 def _enable_xformers(transformer, device: torch.device) -> None:
@@ -249,7 +268,8 @@ def _enable_xformers(transformer, device: torch.device) -> None:
 
 def _load_error(path: str, local: bool, err: Exception) -> str:
     if local:
-        return (f"{path} is not a loadable SD3 pipeline folder ({type(err).__name__}: {str(err).splitlines()[0]}); "
+        first = (str(err).strip().splitlines() or [""])[0]
+        return (f"{path} is not a loadable SD3 pipeline folder ({type(err).__name__}: {first}); "
                 "it needs model_index.json and the component folders that `save_pretrained` writes")
     return (f"could not load '{path}' from the Hugging Face hub (no network, or a gated model not yet accepted: "
             f"accept its licence on huggingface.co and run `hf auth login`); download it where there is "
