@@ -45,6 +45,8 @@ def train_cmd(
                                    help="Override one key, e.g. --set train.lr=1e-3 (repeatable; value in TOML syntax)."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default: the config's `out`, runs/gpo-toy)."),
     seed: Optional[int] = typer.Option(None, help="Seed of the rollouts, the noise and the adapter's init."),
+    vram: Optional[int] = typer.Option(None, help="SD3 on a card of 12, 16 or 24 GB: resolution, group size, "
+                                                  "micro-batch and quantization that fit it (before --set)."),
     debug: bool = typer.Option(False, help="Show the full traceback of an error."),
 ) -> None:
     """Improve a diffusion model at a measurable skill with GPO, from its own samples.
@@ -58,7 +60,11 @@ def train_cmd(
     """
     from gpo_fast.config import ConfigError, load_config
 
-    overrides = list(set_)
+    from gpo_fast.config import VRAM_PRESETS
+
+    if vram is not None and vram not in VRAM_PRESETS:
+        _fail(f"--vram {vram} is not a preset; choose one of {', '.join(map(str, sorted(VRAM_PRESETS)))}")
+    overrides = [*(VRAM_PRESETS[vram] if vram else []), *set_]
     if out is not None:
         overrides.append(f"out={json.dumps(str(out))}")
     if seed is not None:
@@ -70,12 +76,22 @@ def train_cmd(
     run_dir = Path(config.out)
     if (run_dir / "summary.json").exists():
         _fail(f"{run_dir} already holds a finished run; choose another --out (nothing was changed)")
+    import torch
+
     try:
         _run_training(config)
     except _user_errors() as e:
         if debug:
             raise
         _fail(str(e))
+    except torch.cuda.OutOfMemoryError:
+        if debug:
+            raise
+        from gpo_fast.config import smaller_vram
+
+        nxt = smaller_vram(vram)
+        hint = (f"try --vram {nxt}" if nxt else "lower train.micro_batch, rollout.batch_size or model.resolution")
+        _fail(f"the GPU ran out of memory; {hint} (checkpoints already written in {config.out} are intact)")
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

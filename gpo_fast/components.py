@@ -36,7 +36,7 @@ def build_model(config: Config, device: torch.device, trainable: bool = True, pr
         dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[m.dtype]
         model = SD3Model.from_pretrained(m.path or DEFAULT_MODEL, resolution=m.resolution, device=device, dtype=dtype,
                                          t5=m.t5, attention=m.attention, embeds_cache=m.embeds_cache,
-                                         vae_tiling=m.vae_tiling, prompts=prompts)
+                                         vae_tiling=m.vae_tiling, prompts=prompts, quantize=m.quantize)
     if not trainable:
         return model.eval().requires_grad_(False)
     if config.lora.enabled:

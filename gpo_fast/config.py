@@ -41,6 +41,8 @@ class ModelSection(_Section):
         "full", description="sd3: the T5 text encoder in bf16, in 8 bits (bitsandbytes, GPU) or left out.")
     attention: Literal["sdpa", "xformers"] = Field("sdpa", description="sd3: attention backend.")
     embeds_cache: Optional[str] = Field(None, description="sd3: folder caching prompt embeddings on disk.")
+    quantize: Literal["none", "int8", "nf4"] = Field(
+        "none", description="sd3: base transformer weights in int8 or nf4 (bitsandbytes, GPU; LoRA only).")
     vae_tiling: bool = Field(False, description="sd3: decode in tiles (less memory at 1024 px and above).")
 
 
@@ -149,6 +151,9 @@ class Config(_Section):
             raise ValueError("the toy model goes with reward.kind = 'toy-count' and data.prompts = 'toy', and only "
                              f"it does (got model.kind = {self.model.kind!r}, reward.kind = {self.reward.kind!r}, "
                              f"data.prompts = {self.data.prompts!r}); start from --preset toy or an sd35m preset")
+        if self.model.quantize != "none" and not self.lora.enabled:
+            raise ValueError(f"model.quantize = '{self.model.quantize}' trains a LoRA on frozen quantized weights; "
+                             "set lora.enabled = true or model.quantize = 'none'")
         if self.model.kind == "sd3" and self.model.resolution % 16:
             raise ValueError(f"model.resolution must be a multiple of 16; got {self.model.resolution}")
         return self
@@ -207,6 +212,28 @@ PRESETS: dict[str, dict] = {
                    "reward": {"kind": "ocr-text"},
                    "out": "runs/sd35m-text"},
 }
+
+
+# `gpo-fast train --vram N`: what fits a card of N GB, applied over the preset (before --set). Planned from
+# the weights' sizes (SD3.5-M transformer 5 GB bf16 / 1.6 GB nf4; T5 9.5 GB bf16 / 5 GB int8, on the GPU
+# only while prompts are cached) and one group per micro-batch; not yet measured on such cards.
+VRAM_PRESETS: dict[int, list[str]] = {
+    24: ["model.resolution=512", "rollout.group_size=8", "rollout.batch_size=8", "train.micro_batch=8",
+         'model.quantize="none"', 'model.t5="full"'],
+    16: ["model.resolution=512", "rollout.group_size=8", "rollout.batch_size=4", "train.micro_batch=4",
+         'model.quantize="none"', 'model.t5="8bit"'],
+    12: ["model.resolution=512", "rollout.group_size=8", "rollout.batch_size=4", "train.micro_batch=2",
+         'model.quantize="nf4"', 'model.t5="8bit"', "model.vae_tiling=true"],
+}
+
+
+def smaller_vram(vram: int | None) -> int | None:
+    """The next smaller --vram preset (for an out-of-memory message), or None."""
+    sizes = sorted(VRAM_PRESETS, reverse=True)
+    if vram is None:
+        return sizes[0]
+    below = [v for v in sizes if v < vram]
+    return below[0] if below else None
 
 
 def _parse_value(text: str):

@@ -84,3 +84,30 @@ def test_sample_writes_n_images_per_prompt_and_rejects_unknown_prompts(tmp_path)
     assert len(list((tmp_path / "s").glob("*.png"))) == 6
     bad = _run("sample", "--prompt", "a cat", "--out", str(tmp_path / "b"))
     assert bad.returncode == 2 and "a cat" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("vram, nxt", [(24, "--vram 16"), (16, "--vram 12"), (12, "micro_batch")])
+def test_out_of_memory_names_the_next_smaller_preset(vram, nxt, monkeypatch, tmp_path):
+    import torch
+    from typer.testing import CliRunner
+
+    from gpo_fast import cli
+
+    def oom(config):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(cli, "_run_training", oom)
+    res = CliRunner().invoke(cli.app, ["train", "--preset", "sd35m-counting", "--vram", str(vram),
+                                       "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and nxt in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("vram", [12, 16, 24])
+def test_vram_presets_resolve_to_valid_configs(vram):
+    from gpo_fast.config import VRAM_PRESETS
+
+    cfg = load_config(preset="sd35m-text", overrides=VRAM_PRESETS[vram])
+    assert cfg.rollout.group_size % 1 == 0 and cfg.rollout.group_size >= 2
+    assert cfg.train.micro_batch <= cfg.rollout.prompts * cfg.rollout.group_size
+    assert (cfg.model.quantize == "nf4") == (vram == 12)
+

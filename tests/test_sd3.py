@@ -125,6 +125,15 @@ def test_xformers_without_cuda_is_refused_clearly(tiny_sd3):
         SD3Model.from_pretrained(str(tiny_sd3), resolution=IMAGE_SIZE, t5="off", attention="xformers")
 
 
+@pytest.mark.parametrize("kw", [{"quantize": "nf4"}, {"quantize": "int8"}, {"t5": "8bit"}])
+def test_bitsandbytes_paths_without_cuda_are_refused_clearly(tiny_sd3, kw):
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU these load for real")
+    kw = {"t5": "off", **kw}
+    with pytest.raises(ModelLoadError, match="needs a CUDA GPU"):
+        SD3Model.from_pretrained(str(tiny_sd3), resolution=IMAGE_SIZE, **kw)
+
+
 GPO_FAST = str(Path(sys.executable).with_name("gpo-fast"))
 
 
