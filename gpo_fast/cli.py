@@ -127,6 +127,8 @@ def _run_training(config) -> None:
         result = train(config, log=console.print, progress=on_rollout,
                        on_update=lambda done: bar.update(updates, completed=done))
     s = result.summary
+    if not s:  # a process other than rank 0 under `accelerate launch`: rank 0 reports
+        return
     lo, hi = s["gain_ci95"]
     console.print(f"accuracy before {s['accuracy_before']:.3f}, after {s['accuracy_after']:.3f} "
                   f"(strict counter, {s['eval_samples']} held-out samples): gain {s['gain'] * 100:+.1f} points, "

@@ -16,12 +16,14 @@ from gpo_fast.models.base import DiffusionModel, PromptEmbeds
 @torch.no_grad()
 def sample(
     model: DiffusionModel, prompts: list[str], *, steps: int, cfg_scale: float, generator: torch.Generator,
-    batch_size: int = 256,
+    batch_size: int = 256, noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Final latents (B, *latent_shape) for the prompts, float32, on the model's device."""
+    """Final latents (B, *latent_shape) for the prompts, float32, on the model's device. The starting
+    noise is drawn from `generator`, or given (`noise`, one per prompt)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1; got {steps}")
-    noise = torch.randn((len(prompts), *model.latent_shape), generator=generator)
+    if noise is None:
+        noise = torch.randn((len(prompts), *model.latent_shape), generator=generator)
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
@@ -48,11 +50,11 @@ def _euler(model, prompts, x, steps, cfg_scale):
 
 def rollout(
     model: DiffusionModel, prompts: list[str], group_size: int, *, steps: int, cfg_scale: float,
-    generator: torch.Generator, batch_size: int = 0,
+    generator: torch.Generator, batch_size: int = 0, noise: torch.Tensor | None = None,
 ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """G samples per prompt, members of a group contiguous: (prompts per sample, latents, images).
     batch_size: images per sampler forward (0: all at once)."""
     per_sample = [p for p in prompts for _ in range(group_size)]
     latents = sample(model, per_sample, steps=steps, cfg_scale=cfg_scale, generator=generator,
-                     batch_size=batch_size or len(per_sample))
+                     batch_size=batch_size or len(per_sample), noise=noise)
     return per_sample, latents, model.decode(latents)

@@ -28,6 +28,7 @@ import torch
 
 from gpo_fast.components import build_model, build_prompts, build_reward, resolve_device
 from gpo_fast.config import Config, dump_config
+from gpo_fast.distributed import Dist
 from gpo_fast.evaluate import evaluate_prompts, evaluate_toy
 from gpo_fast.kernels import gpo_loss, sample_mse
 from gpo_fast.models.base import DiffusionModel
@@ -56,11 +57,17 @@ def draw_sigmas(n: int, cfg, schedule: torch.Tensor, generator: torch.Generator)
     return s.clamp(cfg.sigma_min, cfg.sigma_max)
 
 
-def group_noise(x0: torch.Tensor, group_size: int, cfg, schedule: torch.Tensor, generator: torch.Generator):
-    """x_s, u and s per sample, with s and eps shared within each group (members differ only by x0)."""
+def group_noise(x0: torch.Tensor, group_size: int, cfg, schedule: torch.Tensor, generator: torch.Generator,
+                shard: tuple[int, int] = (0, 1)):
+    """x_s, u and s per sample, with s and eps shared within each group (members differ only by x0).
+    shard = (rank, world): x0 holds this rank's groups; all ranks draw every group's noise, keep theirs."""
+    rank, world = shard
     n_groups = x0.shape[0] // group_size
-    s = draw_sigmas(n_groups, cfg, schedule, generator).repeat_interleave(group_size).to(x0.device)
-    eps = torch.randn((n_groups, *x0.shape[1:]), generator=generator).repeat_interleave(group_size, 0).to(x0.device)
+    every_s = draw_sigmas(n_groups * world, cfg, schedule, generator)
+    every_eps = torch.randn((n_groups * world, *x0.shape[1:]), generator=generator)
+    mine = slice(rank * n_groups, (rank + 1) * n_groups)
+    s = every_s[mine].repeat_interleave(group_size).to(x0.device)
+    eps = every_eps[mine].repeat_interleave(group_size, 0).to(x0.device)
     s_ = s.view(-1, *[1] * (x0.dim() - 1))
     return (1 - s_) * x0 + s_ * eps, eps - x0, s
 
@@ -91,10 +98,18 @@ def make_schedule(opt, cfg, total_updates: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def gpo_update(model: DiffusionModel, x0, prompts: list[str], rewards, config: Config, generator) -> dict:
-    """One inner update's forward and backward (no optimizer step). Returns per-update stats."""
+def gpo_update(model: DiffusionModel, x0, prompts: list[str], rewards, config: Config, generator, dist=None) -> dict:
+    """One inner update's forward and backward (no optimizer step). Returns per-update stats.
+
+    With several processes (`dist`), the loss is scaled by this rank's share of the non-degenerate
+    groups, so that gradients summed across ranks are those of the one-process loss."""
     t, r = config.train, config.rollout
-    x_s, u, s = group_noise(x0, r.group_size, t, model.schedule(r.steps), generator)
+    shard = (dist.rank, dist.world) if dist is not None else (0, 1)
+    x_s, u, s = group_noise(x0, r.group_size, t, model.schedule(r.steps), generator, shard)
+    scale = 1.0
+    if dist is not None and dist.world > 1:
+        valid = (rewards.view(-1, r.group_size).std(dim=1, unbiased=False) >= t.min_std).sum().float()
+        scale = (valid / dist.sum(valid).clamp(min=1.0)).item()
     embeds = model.encode_prompts(prompts)
     loss_kw = dict(group_size=r.group_size, beta=t.beta, objective=t.objective, eps_std=t.eps_std, min_std=t.min_std)
     n = x0.shape[0]
@@ -105,7 +120,7 @@ def gpo_update(model: DiffusionModel, x0, prompts: list[str], rewards, config: C
     if mb == n:
         loss, policy_err = gpo_loss(model.predict(x_s, s, embeds), u, ref_err, rewards, return_policy_err=True,
                                     **loss_kw)
-        loss.backward()
+        (loss * scale).backward()
     else:
         with torch.no_grad():
             policy_err = torch.cat([sample_mse(model.predict(x_s[i:i + mb], s[i:i + mb], embeds[i:i + mb]),
@@ -115,9 +130,9 @@ def gpo_update(model: DiffusionModel, x0, prompts: list[str], rewards, config: C
         (coef,) = torch.autograd.grad(loss, e)
         for i in range(0, n, mb):
             pred = model.predict(x_s[i:i + mb], s[i:i + mb], embeds[i:i + mb])
-            (coef[i:i + mb] * sample_mse(pred, u[i:i + mb])).sum().backward()
+            (scale * coef[i:i + mb] * sample_mse(pred, u[i:i + mb])).sum().backward()
     d = policy_err - ref_err
-    return {"loss": loss.item(), "mean_abs_d": d.abs().mean().item(),
+    return {"loss": loss.item() * scale, "mean_abs_d": d.abs().mean().item(),
             "implicit_acc": implicit_reward_accuracy(d, rewards, r.group_size)}
 
 
@@ -146,7 +161,12 @@ def train(config: Config, log=print, progress=None, on_update=None) -> RunResult
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
 
-    device = resolve_device(config)
+    dist = Dist.from_env()  # one process, or one per GPU under `accelerate launch`
+    main = dist.is_main
+    if config.rollout.prompts % dist.world:
+        raise ValueError(f"rollout.prompts ({config.rollout.prompts}) must be a multiple of the number of "
+                         f"processes ({dist.world}): each process takes whole groups")
+    device = dist.device(resolve_device(config))
     # bf16 autocast on a GPU; float32 on the CPU
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
     # what can fail on bad input (a prompt file, weights, the model path) fails before anything is written
@@ -158,9 +178,10 @@ def train(config: Config, log=print, progress=None, on_update=None) -> RunResult
     if classes and config.data.prompts not in ("toy", "counting", "text"):
         train_prompts, eval_prompts = build_prompts(config, classes=classes)
     model = build_model(config, device, prompts=[p.text for p in train_prompts + eval_prompts])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(dump_config(config))
-    if config.model.kind != "toy":  # the prompts of this run, for the record
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(dump_config(config))
+    if main and config.model.kind != "toy":  # the prompts of this run, for the record
         write_jsonl(train_prompts + eval_prompts, out / "prompts.jsonl",
                     ["train"] * len(train_prompts) + ["eval"] * len(eval_prompts))
     params = model.trainable_parameters()
@@ -178,27 +199,33 @@ def train(config: Config, log=print, progress=None, on_update=None) -> RunResult
                                     cfg_scale=ev.cfg_scale, seed=seed, batch_size=ro.batch_size)
 
     select_seed = ev.seed + 1  # validation seeds pick the best adapter; ev.seed measures it
-    before, before_images = evaluate(ev.seed)
-    before_images = before_images[:50]  # all a grid shows; the rest would sit in memory all run
-    log(f"before: accuracy {before['accuracy']:.3f} +- {before['accuracy_stderr']:.3f} on {ev.samples} held-out samples")
-    best = _snapshot(model, 0, evaluate(select_seed)[0]["accuracy"]) if ev.every else None
-    writer = SummaryWriter(str(out / "tensorboard"))
+    if main:  # rank 0 evaluates and writes; the others wait at the next collective
+        before, before_images = evaluate(ev.seed)
+        before_images = before_images[:50]  # all a grid shows; the rest would sit in memory all run
+        log(f"before: accuracy {before['accuracy']:.3f} +- {before['accuracy_stderr']:.3f} on {ev.samples} "
+            "held-out samples")
+        best = _snapshot(model, 0, evaluate(select_seed)[0]["accuracy"]) if ev.every else None
+        writer = SummaryWriter(str(out / "tensorboard"))
+        metrics_file = (out / "metrics.jsonl").open("w")
     history = []
-    metrics_file = (out / "metrics.jsonl").open("w")
     updates = 0
+    mine = dist.shard(ro.prompts)  # this process's groups
     for rnd in range(1, config.train.rollouts + 1):
         t0 = time.time()
+        # every process draws the global prompts and noise (same generator), then keeps its groups
         idx = torch.randint(0, len(train_prompts), (ro.prompts,), generator=gen)
-        prompts = [train_prompts[i] for i in idx]
+        noise = torch.randn((ro.prompts * ro.group_size, *model.latent_shape), generator=gen)
+        prompts = [train_prompts[i] for i in idx][mine]
+        noise = noise[mine.start * ro.group_size:mine.stop * ro.group_size]
         per_sample = [p for p in prompts for _ in range(ro.group_size)]
         texts = [p.text for p in per_sample]
         model.eval()
         with amp():
             _, x0, images = rollout(model, [p.text for p in prompts], ro.group_size, steps=ro.steps,
-                                    cfg_scale=ro.cfg_scale, generator=gen, batch_size=ro.batch_size)
+                                    cfg_scale=ro.cfg_scale, generator=gen, batch_size=ro.batch_size, noise=noise)
         x0 = x0.float()
         scored = reward_fn.measure(images.float().cpu(), per_sample)
-        failed = int(torch.isnan(scored.reward).sum())
+        failed = int(dist.sum(torch.isnan(scored.reward).sum()))
         rewards = fill_failed(scored.reward.float(), ro.group_size).to(x0.device)
         del images
         stats = []
@@ -206,42 +233,49 @@ def train(config: Config, log=print, progress=None, on_update=None) -> RunResult
             opt.zero_grad(set_to_none=True)
             model.train()
             with amp():
-                stats.append(gpo_update(model, x0, texts, rewards, config, gen))
+                stats.append(gpo_update(model, x0, texts, rewards, config, gen, dist))
+            dist.sum_grads(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.train.grad_clip).item()
             opt.step()
             sched.step()
             updates += 1
             if on_update is not None:
                 on_update(updates)
+        every_reward = dist.gather(rewards.float().cpu())
         row = {
             "rollout": rnd, "updates": updates,
-            "loss": sum(s["loss"] for s in stats) / len(stats),
-            "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
-            "accuracy": scored.correct.float().mean().item(),
-            "degenerate_fraction": degenerate_fraction(rewards, ro.group_size, config.train.min_std),
+            "loss": float(dist.sum(torch.tensor(sum(s["loss"] for s in stats) / len(stats)))),
+            "reward_mean": every_reward.mean().item(), "reward_std": every_reward.std(unbiased=False).item(),
+            "accuracy": dist.gather(scored.correct.float().cpu()).mean().item(),
+            "degenerate_fraction": degenerate_fraction(every_reward, ro.group_size, config.train.min_std),
             "implicit_acc": _nanmean([s["implicit_acc"] for s in stats]),
             "mean_abs_d": sum(s["mean_abs_d"] for s in stats) / len(stats),
             "grad_norm": grad_norm, "lr": sched.get_last_lr()[0], "step_seconds": time.time() - t0,
             "reward_failures": failed,
         }
-        if ev.every and rnd % ev.every == 0:
-            metrics, val_images = evaluate(select_seed)
-            acc = row["val_accuracy"] = metrics["accuracy"]
-            _save_grid(val_images[:50], out / "samples" / f"rollout-{rnd:05d}.png")
-            if acc > best["accuracy"]:
-                best = _snapshot(model, rnd, acc)
         history.append(row)
-        metrics_file.write(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v
-                                       for k, v in row.items()}) + "\n")
-        metrics_file.flush()
-        for k, v in row.items():
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                writer.add_scalar(k, v, rnd)
-        if progress is not None:
-            progress(row)
-        if config.train.time_budget_s and time.time() - start > config.train.time_budget_s:
+        if main:
+            if ev.every and rnd % ev.every == 0:
+                metrics, val_images = evaluate(select_seed)
+                acc = row["val_accuracy"] = metrics["accuracy"]
+                _save_grid(val_images[:50], out / "samples" / f"rollout-{rnd:05d}.png")
+                if acc > best["accuracy"]:
+                    best = _snapshot(model, rnd, acc)
+            metrics_file.write(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v
+                                           for k, v in row.items()}) + "\n")
+            metrics_file.flush()
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    writer.add_scalar(k, v, rnd)
+            if progress is not None:
+                progress(row)
+        over = main and bool(config.train.time_budget_s) and time.time() - start > config.train.time_budget_s
+        if dist.sum(torch.tensor(float(over))) > 0:  # every process stops after the same rollout
             log(f"time budget of {config.train.time_budget_s:.0f} s reached after {rnd} rollouts")
             break
+    if not main:  # rank 0 keeps the best weights, saves and measures them
+        dist.barrier()
+        return RunResult({}, history, model)
     metrics_file.close()
 
     if ev.every:  # a last look at the final weights, then keep the best on the validation seeds
@@ -272,6 +306,7 @@ def train(config: Config, log=print, progress=None, on_update=None) -> RunResult
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     writer.close()
     _save_plots(out, before_images, after_images, history)
+    dist.barrier()
     return RunResult(summary, history, model)
 
 

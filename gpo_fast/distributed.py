@@ -1,0 +1,97 @@
+"""Several processes (GPUs) through Hugging Face accelerate's launcher:
+`accelerate launch --multi_gpu --num_processes N -m gpo_fast.cli train ...` (or torchrun, which it wraps).
+
+How the run equals the one-process run with the same global batch (design/architecture.md):
+- every rank draws the same global random numbers (prompts, starting noise, noise levels, noise) from
+  the same seeded generator and keeps its slice: whole groups per rank, P / world groups each;
+- a rank's loss is the mean over its non-degenerate groups; it is scaled by n_rank / n_global before
+  backward and the gradients are summed across ranks, which gives the gradient of the mean over all
+  non-degenerate groups (the one-process loss);
+- clipping and the optimizer step then see identical gradients on every rank, so the weights stay
+  identical without broadcasting them. Rank 0 evaluates, logs and writes the run folder.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Dist:
+    """The process group as the loop needs it; with one process every call is a no-op."""
+
+    def __init__(self):
+        self.world = 1
+        self.rank = 0
+        self.local_rank = 0
+        self._state = None
+
+    @classmethod
+    def from_env(cls) -> "Dist":
+        """Join the process group that `accelerate launch --multi_gpu` (or torchrun, which it wraps) set
+        up through RANK / WORLD_SIZE / LOCAL_RANK: NCCL between GPUs, gloo between CPU processes."""
+        import os
+
+        import torch.distributed as dist
+
+        d = cls()
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            d.world, d.rank = world, int(os.environ["RANK"])
+            d.local_rank = int(os.environ.get("LOCAL_RANK", d.rank))
+            if not dist.is_initialized():
+                gpu = torch.cuda.is_available() and torch.cuda.device_count() > d.local_rank
+                if gpu:
+                    torch.cuda.set_device(d.local_rank)
+                dist.init_process_group(backend="nccl" if gpu else "gloo")
+        return d
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, requested: torch.device) -> torch.device:
+        """One GPU per process: cuda:local_rank when the run asks for CUDA."""
+        if self.world > 1 and requested.type == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return requested
+
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous share of n items (n divisible by world)."""
+        k = n // self.world
+        return slice(self.rank * k, (self.rank + 1) * k)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return t
+        import torch.distributed as dist
+
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's (equal-sized) tensor, concatenated in rank order, on every rank."""
+        if self.world == 1:
+            return t
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum the gradients across ranks (a rank without a gradient contributes zeros)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()

@@ -1,0 +1,104 @@
+"""Scale-out: two CPU processes (gloo) train the same weights as one process with the same global batch
+(whole groups per process, the loss normalised across processes). They are started with torchrun,
+which `accelerate launch --multi_gpu` wraps on GPUs (accelerate's own --cpu mode needs MPI)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+BIN = Path(sys.executable).parent
+ARGS = ["--set", "rollout.prompts=4", "--set", "rollout.group_size=4", "--set", "rollout.steps=2",
+        "--set", "train.rollouts=2", "--set", "train.inner_updates=2", "--set", 'train.optimizer="adamw"',
+        "--set", "train.lr=0.01", "--set", "train.micro_batch=3", "--set", "reward.partial_credit=true",
+        "--set", "eval.every=0", "--set", "eval.samples=10", "--set", "eval.steps=1"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _adapter(run: Path) -> dict:
+    return load_file(str(run / "adapter" / "pytorch_lora_weights.safetensors"))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo process groups are tested on Linux")
+def test_two_processes_train_the_weights_of_one(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([str(BIN / "gpo-fast"), "train", *ARGS, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                          "-m", "gpo_fast.cli", "train", *ARGS, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
+    assert a.keys() == b.keys()
+    moved = max((v.abs().max().item() for k, v in a.items() if "lora_B" in k), default=0.0)
+    assert moved > 1e-3  # the updates did change the adapter, so agreement is not trivial
+    for k in a:  # float32 AdamW; the two runs differ only in the order of float sums
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def _grads_in_rank(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from gpo_fast.distributed import Dist
+
+    dist = Dist.from_env()
+    model, x0, prompts, rewards, cfg = _setup()
+    mine = slice(rank * 8, (rank + 1) * 8)  # two groups of 4 per rank
+    from gpo_fast.train import gpo_update
+
+    gpo_update(model, x0[mine], prompts[mine], rewards[mine], cfg, torch.Generator().manual_seed(3), dist)
+    params = model.trainable_parameters()
+    dist.sum_grads(params)
+    if rank == 0:
+        torch.save([p.grad for p in params], out)
+    dist.barrier()
+
+
+def _setup():
+    from gpo_fast.config import load_config
+    from gpo_fast.models import ToyModel
+    from gpo_fast.toy.data import render_dots
+
+    torch.manual_seed(0)
+    model = ToyModel()
+    model.add_lora(4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    x0 = render_dots([1, 2, 3, 2] * 4, torch.Generator().manual_seed(1))
+    prompts = ["two dots"] * 8 + ["three dots"] * 8
+    # rank 0 gets two informative groups, rank 1 one informative and one degenerate group: the
+    # normalisation across processes decides the weight of each rank's loss
+    rewards = torch.tensor([1, 0, 0, 1, 0, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1], dtype=torch.float32)
+    cfg = load_config(overrides=["rollout.group_size=4", "rollout.prompts=4", "train.beta=50", "train.micro_batch=3"])
+    return model, x0, prompts, rewards, cfg
+
+
+def test_gradients_summed_over_two_processes_equal_the_one_process_gradient(tmp_path):
+    import torch.multiprocessing as mp
+
+    from gpo_fast.train import gpo_update
+
+    port = _free_port()
+    mp.spawn(_grads_in_rank, args=(2, port, str(tmp_path / "g.pt")), nprocs=2, join=True)
+    two = torch.load(tmp_path / "g.pt", weights_only=True)
+    model, x0, prompts, rewards, cfg = _setup()
+    gpo_update(model, x0, prompts, rewards, cfg, torch.Generator().manual_seed(3))
+    one = [p.grad for p in model.trainable_parameters()]
+    assert any(g.abs().max() > 0 for g in one)
+    for a, b in zip(one, two):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * a.abs().max().item() + 1e-9)  # float sums in another order
