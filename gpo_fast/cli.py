@@ -47,6 +47,9 @@ def train_cmd(
     seed: Optional[int] = typer.Option(None, help="Seed of the rollouts, the noise and the adapter's init."),
     vram: Optional[int] = typer.Option(None, help="SD3 on a card of 12, 16 or 24 GB: resolution, group size, "
                                                   "micro-batch and quantization that fit it (before --set)."),
+    resume: Optional[str] = typer.Option(None, metavar="RUN_DIR|latest",
+                                         help="Continue a run exactly from its last checkpoint (its config.toml; "
+                                              "--set may change only keys that leave the math alone)."),
     debug: bool = typer.Option(False, help="Show the full traceback of an error."),
 ) -> None:
     """Improve a diffusion model at a measurable skill with GPO, from its own samples.
@@ -62,6 +65,8 @@ def train_cmd(
 
     from gpo_fast.config import VRAM_PRESETS
 
+    if resume is not None:
+        return _resume(resume, list(set_), debug)
     if vram is not None and vram not in VRAM_PRESETS:
         _fail(f"--vram {vram} is not a preset; choose one of {', '.join(map(str, sorted(VRAM_PRESETS)))}")
     overrides = [*(VRAM_PRESETS[vram] if vram else []), *set_]
@@ -76,6 +81,8 @@ def train_cmd(
     run_dir = Path(config.out)
     if (run_dir / "summary.json").exists():
         _fail(f"{run_dir} already holds a finished run; choose another --out (nothing was changed)")
+    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        _fail(f"{run_dir} holds an unfinished run; continue it with --resume {run_dir} or choose another --out")
     import torch
 
     try:
@@ -94,15 +101,60 @@ def train_cmd(
         _fail(f"the GPU ran out of memory; {hint} (checkpoints already written in {config.out} are intact)")
 
 
+def _resume(resume: str, set_: list[str], debug: bool) -> None:
+    import torch
+
+    from gpo_fast.checkpoint import list_checkpoints
+    from gpo_fast.config import RESUME_HARMLESS, ConfigError, changed_keys, load_config
+
+    if resume == "latest":
+        runs = [p.parent.parent for p in Path("runs").glob("*/checkpoints/*/manifest.json")]
+        if not runs:
+            _fail("--resume latest: no run with a checkpoint under runs/; pass the run folder")
+        run_dir = max(runs, key=lambda r: list_checkpoints(r)[-1].stat().st_mtime)
+    else:
+        run_dir = Path(resume)
+    if not (run_dir / "config.toml").is_file():
+        _fail(f"--resume {run_dir}: not a run folder of `gpo-fast train` (no config.toml); pass the folder a run "
+              "wrote (its --out)")
+    if (run_dir / "summary.json").exists():
+        _fail(f"{run_dir} finished already (summary.json); there is nothing to resume")
+    try:
+        saved = load_config(run_dir / "config.toml")
+        config = load_config(run_dir / "config.toml", overrides=[*set_, f"out={json.dumps(str(run_dir))}"])
+    except ConfigError as e:
+        _fail(str(e))
+    math = [k for k in changed_keys(saved, config) if k not in RESUME_HARMLESS]
+    if math:
+        _fail(f"--resume {run_dir}: changing {', '.join(math)} would change the training's math; drop those --set "
+              f"or start a new run (keys a resume may change: {', '.join(sorted(RESUME_HARMLESS))})")
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        _fail(f"{run_dir} has no checkpoint yet (one is written every train.checkpoint_every rollouts); "
+              "start it again with a new --out")
+    try:
+        _run_training(config, resume=checkpoints[-1])
+    except _user_errors() as e:
+        if debug:
+            raise
+        _fail(str(e))
+    except torch.cuda.OutOfMemoryError:
+        if debug:
+            raise
+        _fail(f"the GPU ran out of memory; the checkpoints in {run_dir} are intact (try a smaller --vram preset)")
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that mean bad input (a path, a prompt file, missing weights), answered in one sentence."""
     from gpo_fast.models.sd3 import ModelLoadError
     from gpo_fast.rewards.base import RewardEngineError
 
-    return FileNotFoundError, ValueError, ModelLoadError, RewardEngineError
+    from gpo_fast.checkpoint import CheckpointError
+
+    return FileNotFoundError, ValueError, ModelLoadError, RewardEngineError, CheckpointError
 
 
-def _run_training(config) -> None:
+def _run_training(config, resume=None) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -121,11 +173,11 @@ def _run_training(config) -> None:
 
         def on_rollout(row):
             fields = dict(reward=row["reward_mean"], loss=row["loss"], degenerate=row["degenerate_fraction"])
-            bar.update(task, advance=1, **fields)
+            bar.update(task, completed=row["rollout"], **fields)  # a resumed run starts part-way
             bar.update(updates, **fields)
 
         result = train(config, log=console.print, progress=on_rollout,
-                       on_update=lambda done: bar.update(updates, completed=done))
+                       on_update=lambda done: bar.update(updates, completed=done), resume=resume)
     s = result.summary
     if not s:  # a process other than rank 0 under `accelerate launch`: rank 0 reports
         return

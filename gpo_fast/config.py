@@ -90,6 +90,9 @@ class TrainSection(_Section):
     sigma_max: float = Field(0.98, gt=0.0, le=1.0)
     gradient_checkpointing: bool = False
     time_budget_s: float = Field(0.0, ge=0.0, description="Stop rolling out after this many seconds (0: no limit).")
+    checkpoint_every: int = Field(10, ge=0, description="Write a full training checkpoint every this many rollouts "
+                                                        "(0: never); `gpo-fast train --resume RUN` continues from it.")
+    keep_checkpoints: int = Field(2, ge=1, description="How many of the latest checkpoints to keep.")
 
     @model_validator(mode="after")
     def _sigma_range(self):
@@ -331,3 +334,20 @@ def describe_config(config: Config) -> str:
             else:
                 lines.append(tomli_w.dumps({key: value}).strip())
     return "\n".join(lines) + "\n"
+
+
+# Keys a resumed run may change: they do not change the math of the updates already made or to come.
+RESUME_HARMLESS = {"out", "train.rollouts", "train.time_budget_s", "train.checkpoint_every", "train.keep_checkpoints",
+                   "eval.every"}
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    a, b = old.model_dump(), new.model_dump()
+    out = []
+    for section in a:
+        if isinstance(a[section], dict):
+            out += [f"{section}.{k}" for k in a[section] if a[section][k] != b[section].get(k)]
+        elif a[section] != b[section]:
+            out.append(section)
+    return out

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from gpo_fast.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gpo_fast.components import build_model, build_prompts, build_reward, resolve_device
 from gpo_fast.config import Config, dump_config
 from gpo_fast.distributed import Dist
@@ -149,10 +150,11 @@ def fill_failed(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.where(ok, r, mean).view(-1)
 
 
-def train(config: Config, log=print, progress=None, on_update=None) -> RunResult:
+def train(config: Config, log=print, progress=None, on_update=None, resume: Path | None = None) -> RunResult:
     """Run GPO as configured; writes the run folder and returns the summary.
 
     progress(row) is called after each rollout with its metrics row; on_update(done) after each update.
+    resume: a checkpoint folder (run/checkpoints/rollout-N) to continue from exactly.
     """
     from torch.utils.tensorboard import SummaryWriter
 
@@ -199,18 +201,29 @@ def train(config: Config, log=print, progress=None, on_update=None) -> RunResult
                                     cfg_scale=ev.cfg_scale, seed=seed, batch_size=ro.batch_size)
 
     select_seed = ev.seed + 1  # validation seeds pick the best adapter; ev.seed measures it
+    history, updates, first = [], 0, 1
+    if resume is not None:  # every piece of state as it was after the checkpoint's rollout
+        ck = load_checkpoint(resume)
+        _load_trained_state(model, ck["trainable"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        set_rng_state(ck["rng"], gen)
+        updates, first = ck["updates"], ck["rollout"] + 1
+        before, before_images, best = ck["before"], ck["before_images"], ck["best"]
+        history = _metrics_until(out / "metrics.jsonl", ck["rollout"]) if main else []
+        log(f"resumed from {resume} (rollout {ck['rollout']}, {updates} updates)")
     if main:  # rank 0 evaluates and writes; the others wait at the next collective
-        before, before_images = evaluate(ev.seed)
-        before_images = before_images[:50]  # all a grid shows; the rest would sit in memory all run
-        log(f"before: accuracy {before['accuracy']:.3f} +- {before['accuracy_stderr']:.3f} on {ev.samples} "
-            "held-out samples")
-        best = _snapshot(model, 0, evaluate(select_seed)[0]["accuracy"]) if ev.every else None
-        writer = SummaryWriter(str(out / "tensorboard"))
-        metrics_file = (out / "metrics.jsonl").open("w")
-    history = []
-    updates = 0
+        if resume is None:
+            before, before_images = evaluate(ev.seed)
+            before_images = before_images[:50]  # all a grid shows; the rest would sit in memory all run
+            log(f"before: accuracy {before['accuracy']:.3f} +- {before['accuracy_stderr']:.3f} on {ev.samples} "
+                "held-out samples")
+            best = _snapshot(model, 0, evaluate(select_seed)[0]["accuracy"]) if ev.every else None
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=first)  # a resumed run drops later events
+        metrics_file = (out / "metrics.jsonl").open("a" if resume is not None else "w")
     mine = dist.shard(ro.prompts)  # this process's groups
-    for rnd in range(1, config.train.rollouts + 1):
+    rnd = first - 1
+    for rnd in range(first, config.train.rollouts + 1):
         t0 = time.time()
         # every process draws the global prompts and noise (same generator), then keeps its groups
         idx = torch.randint(0, len(train_prompts), (ro.prompts,), generator=gen)
@@ -269,6 +282,14 @@ def train(config: Config, log=print, progress=None, on_update=None) -> RunResult
                     writer.add_scalar(k, v, rnd)
             if progress is not None:
                 progress(row)
+            every = config.train.checkpoint_every
+            if every and rnd % every == 0 and rnd < config.train.rollouts:
+                save_checkpoint(out, rnd, {
+                    "rollout": rnd, "updates": updates,
+                    "trainable": {k: v for k, v in model.named_parameters() if v.requires_grad},
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(gen),
+                    "before": before, "before_images": before_images, "best": best,
+                }, keep=config.train.keep_checkpoints)
         over = main and bool(config.train.time_budget_s) and time.time() - start > config.train.time_budget_s
         if dist.sum(torch.tensor(float(over))) > 0:  # every process stops after the same rollout
             log(f"time budget of {config.train.time_budget_s:.0f} s reached after {rnd} rollouts")
@@ -308,6 +329,14 @@ def train(config: Config, log=print, progress=None, on_update=None) -> RunResult
     _save_plots(out, before_images, after_images, history)
     dist.barrier()
     return RunResult(summary, history, model)
+
+
+def _metrics_until(path: Path, rollout: int) -> list[dict]:
+    """The metrics rows up to `rollout`, and the file cut back to them (a resumed run rewrites the rest)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = [r for r in rows if r["rollout"] <= rollout]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
 
 
 def _nanmean(xs):

@@ -1,0 +1,106 @@
+"""Nothing lost: a run killed with SIGKILL and resumed ends exactly where an uninterrupted run ends; a
+kill during a checkpoint write leaves the previous one loadable; a damaged checkpoint is named."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gpo_fast.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+
+GPO_FAST = str(Path(sys.executable).with_name("gpo-fast"))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same float sums in both runs
+ARGS = [f"--set={kv}" for kv in (
+    "train.rollouts=8", "train.inner_updates=2", "rollout.prompts=2", "rollout.group_size=4", "rollout.steps=2",
+    "eval.samples=20", "eval.steps=2", "eval.every=3", "train.checkpoint_every=1", "reward.partial_credit=true")]
+
+
+def _rows(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "step_seconds"} for r in rows]
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    full = subprocess.run([GPO_FAST, "train", *ARGS, "--out", str(tmp_path / "full")], capture_output=True,
+                          text=True, env=ENV)
+    assert full.returncode == 0, full.stderr[-2000:]
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([GPO_FAST, "train", *ARGS, "--out", str(run)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "rollout-000003" / "manifest.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "summary.json").exists()
+    resumed = subprocess.run([GPO_FAST, "train", "--resume", str(run)], capture_output=True, text=True, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    a = load_file(str(tmp_path / "full" / "adapter" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(run / "adapter" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical on the CPU
+    assert _rows(run) == _rows(tmp_path / "full")
+    sa, sb = (json.loads((r / "summary.json").read_text()) for r in (tmp_path / "full", run))
+    assert (sa["accuracy_before"], sa["accuracy_after"], sa["best_rollout"]) == \
+           (sb["accuracy_before"], sb["accuracy_after"], sb["best_rollout"])
+    assert len(list_checkpoints(run)) <= 2  # only the last train.keep_checkpoints remain
+
+
+def _state(x: float) -> dict:
+    return {"rollout": 1, "w": torch.full((3,), x), "nested": {"step": 4, "betas": (0.9, 0.99), 7: [1.5, None]}}
+
+
+def test_checkpoint_round_trip_keeps_types(tmp_path):
+    path = save_checkpoint(tmp_path, 1, _state(2.0))
+    back = load_checkpoint(path)
+    assert torch.equal(back["w"], torch.full((3,), 2.0))
+    assert back["nested"] == {"step": 4, "betas": (0.9, 0.99), 7: [1.5, None]}
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
+    from gpo_fast import checkpoint
+
+    save_checkpoint(tmp_path, 1, _state(1.0))
+
+    def dies(*a, **k):
+        raise KeyboardInterrupt("killed while writing")  # what a kill looks like from inside the writer
+
+    monkeypatch.setattr(checkpoint, "_fsync", dies)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 2, _state(2.0))
+    (tmp_path / "checkpoints" / "rollout-000003").mkdir()  # a folder without a manifest: never complete
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["rollout-000001"]
+    assert torch.equal(load_checkpoint(list_checkpoints(tmp_path)[-1])["w"], torch.full((3,), 1.0))
+
+
+def test_a_corrupted_checkpoint_is_named(tmp_path):
+    path = save_checkpoint(tmp_path, 5, _state(1.0))
+    data = bytearray((path / "tensors.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (path / "tensors.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="rollout-000005.*corrupted"):
+        load_checkpoint(path)
+
+
+def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path):
+    out = subprocess.run([GPO_FAST, "train", "--resume", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 2 and "not a run folder" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_resume_refuses_a_change_of_the_math_and_names_the_key(tmp_path):
+    run = tmp_path / "run"
+    out = subprocess.run([GPO_FAST, "train", *ARGS, "--set=train.rollouts=2", "--set=eval.every=0",
+                          "--set=train.checkpoint_every=1", "--out", str(run)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (run / "summary.json").unlink()  # pretend it stopped after its checkpoint
+    refused = subprocess.run([GPO_FAST, "train", "--resume", str(run), "--set", "train.lr=0.5"], capture_output=True,
+                             text=True)
+    assert refused.returncode == 2 and "train.lr" in refused.stderr and "Traceback" not in refused.stderr
