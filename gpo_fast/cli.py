@@ -151,7 +151,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
     from gpo_fast.checkpoint import CheckpointError
 
-    return FileNotFoundError, ValueError, ModelLoadError, RewardEngineError, CheckpointError
+    from gpo_fast.train import TrainingDiverged
+
+    return FileNotFoundError, ValueError, ModelLoadError, RewardEngineError, CheckpointError, TrainingDiverged
 
 
 def _run_training(config, resume=None) -> None:

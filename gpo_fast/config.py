@@ -93,6 +93,8 @@ class TrainSection(_Section):
     checkpoint_every: int = Field(10, ge=0, description="Write a full training checkpoint every this many rollouts "
                                                         "(0: never); `gpo-fast train --resume RUN` continues from it.")
     keep_checkpoints: int = Field(2, ge=1, description="How many of the latest checkpoints to keep.")
+    max_bad_updates: int = Field(5, ge=1, description="Stop after this many non-finite updates in a row "
+                                                      "(each is skipped; the weights stay as they were).")
 
     @model_validator(mode="after")
     def _sigma_range(self):
@@ -338,6 +340,7 @@ def describe_config(config: Config) -> str:
 
 # Keys a resumed run may change: they do not change the math of the updates already made or to come.
 RESUME_HARMLESS = {"out", "train.rollouts", "train.time_budget_s", "train.checkpoint_every", "train.keep_checkpoints",
+                   "train.max_bad_updates",
                    "eval.every"}
 
 

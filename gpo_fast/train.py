@@ -38,6 +38,10 @@ from gpo_fast.prompts import write_jsonl
 from gpo_fast.sampling import rollout
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite updates in a row; the message says what to do."""
+
+
 @dataclass
 class RunResult:
     summary: dict
@@ -223,6 +227,7 @@ def train(config: Config, log=print, progress=None, on_update=None, resume: Path
         metrics_file = (out / "metrics.jsonl").open("a" if resume is not None else "w")
     mine = dist.shard(ro.prompts)  # this process's groups
     rnd = first - 1
+    skipped = bad_in_a_row = degenerate_streak = 0
     for rnd in range(first, config.train.rollouts + 1):
         t0 = time.time()
         # every process draws the global prompts and noise (same generator), then keeps its groups
@@ -249,6 +254,18 @@ def train(config: Config, log=print, progress=None, on_update=None, resume: Path
                 stats.append(gpo_update(model, x0, texts, rewards, config, gen, dist))
             dist.sum_grads(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.train.grad_clip).item()
+            if not (math.isfinite(stats[-1]["loss"]) and math.isfinite(grad_norm)):
+                # a non-finite loss or gradient: skip the update (the weights and optimizer stay as they were)
+                opt.zero_grad(set_to_none=True)
+                skipped += 1
+                bad_in_a_row += 1
+                if bad_in_a_row >= config.train.max_bad_updates:
+                    raise TrainingDiverged(
+                        f"the loss or gradient was not finite in {bad_in_a_row} updates in a row (rollout {rnd}); the "
+                        f"weights were not changed by them and the checkpoints in {out / 'checkpoints'} are intact: "
+                        "lower train.lr or train.beta and resume or restart")
+                continue
+            bad_in_a_row = 0
             opt.step()
             sched.step()
             updates += 1
@@ -264,9 +281,14 @@ def train(config: Config, log=print, progress=None, on_update=None, resume: Path
             "implicit_acc": _nanmean([s["implicit_acc"] for s in stats]),
             "mean_abs_d": sum(s["mean_abs_d"] for s in stats) / len(stats),
             "grad_norm": grad_norm, "lr": sched.get_last_lr()[0], "step_seconds": time.time() - t0,
-            "reward_failures": failed,
+            "reward_failures": failed, "skipped_updates": skipped,
         }
         history.append(row)
+        degenerate_streak = degenerate_streak + 1 if row["degenerate_fraction"] >= 0.9 else 0
+        if degenerate_streak == 5:
+            log(f"warning: for 5 rollouts at least 90% of the groups had all-equal rewards (degenerate: no loss, no "
+                "gradient); the model gets every image right or every image wrong on these prompts: use easier or "
+                "harder prompts, a larger rollout.group_size, or reward.partial_credit")
         if main:
             if ev.every and rnd % ev.every == 0:
                 metrics, val_images = evaluate(select_seed)
