@@ -108,17 +108,24 @@ def save_checkpoint(run_dir: Path, rollout: int, state: dict, keep: int = 2) -> 
     tmp = root / f".tmp-{PREFIX}{rollout:06d}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
     tensors: dict = {}
     structure = _split_state(state, "s", tensors)
-    save_file(tensors, str(tmp / "tensors.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(structure))
     files = ["tensors.safetensors", "state.json"]
-    for name in files:
-        _fsync(tmp / name)
-    manifest = {"rollout": rollout, "sha256": {name: _sha256(tmp / name) for name in files}}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    _fsync(tmp / "manifest.json")
+    try:
+        tmp.mkdir()
+        save_file(tensors, str(tmp / "tensors.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(structure))
+        for name in files:
+            _fsync(tmp / name)
+        manifest = {"rollout": rollout, "sha256": {name: _sha256(tmp / name) for name in files}}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        _fsync(tmp / "manifest.json")
+    except OSError as e:  # a full disk, a quota: drop the half-written folder, keep the previous checkpoints
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = list_checkpoints(run_dir)
+        kept = f"the last good one, {last[-1]}, is intact" if last else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint {final.name} ({e.strerror or e}); {kept}; free disk "
+                              f"space and continue with --resume {run_dir}") from None
     if final.exists():  # a rerun of the same rollout: replace
         shutil.rmtree(final)
     os.replace(tmp, final)

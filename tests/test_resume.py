@@ -104,3 +104,36 @@ def test_resume_refuses_a_change_of_the_math_and_names_the_key(tmp_path):
     refused = subprocess.run([GPO_FAST, "train", "--resume", str(run), "--set", "train.lr=0.5"], capture_output=True,
                              text=True)
     assert refused.returncode == 2 and "train.lr" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_one_and_says_so(tmp_path, monkeypatch):
+    import errno
+
+    from gpo_fast import checkpoint
+
+    save_checkpoint(tmp_path, 1, _state(1.0))
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(CheckpointError, match="No space left.*rollout-000001.*intact"):
+        save_checkpoint(tmp_path, 2, _state(2.0))
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["rollout-000001"]  # no half-written folder
+    assert torch.equal(load_checkpoint(list_checkpoints(tmp_path)[-1])["w"], torch.full((3,), 1.0))
+
+
+def test_disk_full_stops_the_cli_in_one_sentence(tmp_path, monkeypatch):
+    import errno
+
+    from typer.testing import CliRunner
+
+    from gpo_fast import checkpoint, cli
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    res = CliRunner().invoke(cli.app, ["train", *ARGS, "--set=train.rollouts=2", "--set=eval.every=0",
+                                       "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "No space left" in res.output and "Traceback" not in res.output
