@@ -276,6 +276,17 @@ def sample_cmd(
     typer.echo(f"wrote {len(texts)} images to {out}")
 
 
+@app.command("doctor")
+def doctor_cmd(
+    detector: str = typer.Option("yolo11x.pt", help="The YOLO weights to look for (reward.detector)."),
+) -> None:
+    """One screen: torch, CUDA and the card, the kernels, bitsandbytes, xformers, the reward engines and
+    their weights, the network, disk space; each line ok, or what to do."""
+    from gpo_fast.doctor import main
+
+    raise typer.Exit(main(detector=detector))
+
+
 @app.command("config")
 def config_cmd(
     config_file: Optional[Path] = typer.Argument(None, metavar="[CONFIG]", help="A TOML config to resolve."),
