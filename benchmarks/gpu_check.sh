@@ -2,8 +2,10 @@
 # The GPU check, for a machine with a CUDA GPU (about 8 minutes on an H100):
 #   1. the parity tests on CUDA (the Triton kernels compiled natively, against the PyTorch reference,
 #      CUDA-graph capture included),
-#   2. the kernel benchmark (benchmarks/bench_kernels.py: triton vs eager vs torch.compile).
-# Writes gpu_check.log, kernels.csv, the plots and the summary to $OUT when set, else to
+#   2. the kernel benchmark (benchmarks/bench_kernels.py: triton vs eager vs torch.compile),
+#   3. the step benchmark, quick grid (benchmarks/bench_step.py --quick: one GPO update of the SD3.5-M
+#      transformer at 512 px, G = 8, bf16 and nf4 base, LoRA; gpo-fast's step vs the eager one).
+# Writes gpu_check.log, kernels.csv, step.csv, the plots and the summary to $OUT when set, else to
 # benchmarks/results/. Commit what it wrote under benchmarks/results/ (the files carry the card's name).
 #
 # Packages the image lacks (diffusers, bitsandbytes for the step benchmark) may travel as wheels in
@@ -26,7 +28,9 @@ status=0
   echo "== parity tests on CUDA"
   timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_objective.py || status=1
   echo "== kernel benchmark"
-  timeout 420 "$PY" benchmarks/bench_kernels.py || status=1
+  timeout 360 "$PY" benchmarks/bench_kernels.py || status=1
+  echo "== step benchmark (quick)"
+  timeout 150 "$PY" benchmarks/bench_step.py --quick --steps 3 || status=1
   echo "== gpu_check done, status $status"
   exit $status
 } 2>&1 | tee "$OUT/gpu_check.log"

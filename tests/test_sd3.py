@@ -12,7 +12,7 @@ import torch
 
 from gpo_fast.models.sd3 import ModelLoadError, SD3Model
 from gpo_fast.sampling import sample
-from sd3_tiny import IMAGE_SIZE, build_tiny_sd3
+from gpo_fast.models.testing import IMAGE_SIZE, build_tiny_sd3
 
 PROMPT = "a photo of three cats"
 

@@ -1,4 +1,4 @@
-"""A tiny random StableDiffusion3Pipeline built in code, offline (shared/notes/environment.md).
+"""A tiny random StableDiffusion3Pipeline built in code, offline, for tests and CPU benchmark smoke runs.
 
 Two tiny CLIP text encoders with projection, no T5, a tiny SD3 transformer, a tiny VAE (scale 2, 16
 latent channels as SD3's), the flow-matching scheduler with SD3.5's shift 3. Tokenizers are written as
@@ -41,8 +41,9 @@ def _write_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
 
 
-def build_tiny_sd3(folder: Path, seed: int = 0) -> Path:
-    """Save a tiny SD3 pipeline (float32, random weights) to folder and return it."""
+def build_tiny_sd3(folder: Path, seed: int = 0, transformer=None) -> Path:
+    """Save a tiny SD3 pipeline (float32, random weights) to folder and return it; `transformer` replaces
+    the tiny one (it must take 16 latent channels and joint_attention_dim 32)."""
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
@@ -58,7 +59,7 @@ def build_tiny_sd3(folder: Path, seed: int = 0) -> Path:
                 pad_token_id=tokenizer.pad_token_id)
     text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip))
-    transformer = SD3Transformer2DModel(
+    transformer = transformer or SD3Transformer2DModel(
         sample_size=IMAGE_SIZE // 2, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
         pooled_projection_dim=32, pos_embed_max_size=IMAGE_SIZE // 2,
