@@ -175,3 +175,22 @@ def test_cli_trains_the_tiny_sd3_with_a_yaml_built_yolo(tiny_sd3, tmp_path):
     assert summary["steps"] == 1 and 0.0 <= summary["accuracy_after"] <= 1.0
     assert (run / "adapter" / "pytorch_lora_weights.safetensors").is_file()
     assert "accuracy before" in out.stdout
+
+
+def test_cli_hub_id_without_network_exit_2_no_traceback(tmp_path):
+    out = subprocess.run([GPO_FAST, "train", "--preset", "sd35m-counting", "--set", 'model.path="someone/not-a-model"',
+                          "--set", 'reward.detector="yolo11n.yaml"', "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "someone/not-a-model" in out.stderr and "model.path" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout and len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_missing_detector_weights_exit_2_says_where(tmp_path):
+    out = subprocess.run([GPO_FAST, "train", "--preset", "sd35m-counting", "--set",
+                          f'reward.detector="{tmp_path / "yolo-missing.pt"}"', "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, env={**os.environ, "YOLO_CONFIG_DIR": str(tmp_path / "y")})
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "yolo-missing.pt" in out.stderr and "reward.detector" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "r").exists()

@@ -101,9 +101,16 @@ class SD3Model(AdapterMixin, torch.nn.Module):
                 kwargs["text_encoder_3"] = _t5_8bit(source, dtype, device)
             if quantize != "none":
                 kwargs["transformer"] = _quantized_transformer(source, quantize, dtype, device)
-            with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype; older ones know only it
-                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-                pipe = StableDiffusion3Pipeline.from_pretrained(source, **kwargs)
+            from diffusers.utils import logging as diffusers_logging
+
+            level = diffusers_logging.get_verbosity()
+            diffusers_logging.set_verbosity_error()  # its "Couldn't connect to the Hub" lines: our error says it
+            try:
+                with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype; older ones know only it
+                    warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+                    pipe = StableDiffusion3Pipeline.from_pretrained(source, **kwargs)
+            finally:
+                diffusers_logging.set_verbosity(level)
         except ModelLoadError:
             raise
         except (OSError, ValueError, ConnectionError) as e:
