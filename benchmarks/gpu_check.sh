@@ -4,8 +4,10 @@
 #      CUDA-graph capture included),
 #   2. the kernel benchmark (benchmarks/bench_kernels.py: triton vs eager vs torch.compile),
 #   3. the step benchmark, quick grid (benchmarks/bench_step.py --quick: one GPO update of the SD3.5-M
-#      transformer at 512 px, G = 8, bf16 and nf4 base, LoRA; gpo-fast's step vs the eager one).
-# Writes gpu_check.log, kernels.csv, step.csv, the plots and the summary to $OUT when set, else to
+#      transformer at 512 px, G = 8, bf16 and nf4 base, LoRA; gpo-fast's step vs the eager one),
+#   4. the rollout benchmark (benchmarks/bench_rollout.py: images/s of one group of 8 at 512 px, 10 steps,
+#      CFG 4.5, the trainer's sampler vs StableDiffusion3Pipeline.__call__ on the same model).
+# Writes gpu_check.log, kernels.csv, step.csv, rollout.csv, the plots and the summary to $OUT when set, else to
 # benchmarks/results/. Commit what it wrote under benchmarks/results/ (the files carry the card's name).
 #
 # Packages the image lacks (diffusers, bitsandbytes for the step benchmark) may travel as wheels in
@@ -31,6 +33,8 @@ status=0
   timeout 360 "$PY" benchmarks/bench_kernels.py || status=1
   echo "== step benchmark (quick)"
   timeout 150 "$PY" benchmarks/bench_step.py --quick --steps 3 || status=1
+  echo "== rollout benchmark"
+  timeout 120 "$PY" benchmarks/bench_rollout.py --repeats 3 || status=1
   echo "== gpu_check done, status $status"
   exit $status
 } 2>&1 | tee "$OUT/gpu_check.log"

@@ -32,3 +32,13 @@ def test_bench_step_without_a_gpu_says_so_and_exits_0(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--csv", str(tmp_path / "s.csv")],
                          capture_output=True, text=True)
     assert run.returncode == 0 and "needs a CUDA GPU" in run.stdout and not (tmp_path / "s.csv").exists()
+
+
+def test_bench_rollout_tiny_matches_the_pipeline(tmp_path):
+    out = tmp_path / "rollout.csv"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_rollout.py"), "--tiny", "--steps", "2",
+                          "--repeats", "1", "--group-size", "2", "--csv", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = list(csv.DictReader(out.open()))
+    assert [r["impl"] for r in rows] == ["pipeline", "ours"] and float(rows[1]["images_per_s"]) > 0
+    assert float(rows[0]["max_abs_diff"]) == 0.0  # the trainer's sampler draws the pipeline's latents
