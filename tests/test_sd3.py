@@ -194,3 +194,14 @@ def test_cli_missing_detector_weights_exit_2_says_where(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "yolo-missing.pt" in out.stderr and "reward.detector" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("content, needle", [(None, "no such prompt file"), ("\n# only a comment\n", "no prompts")])
+def test_cli_missing_or_empty_prompt_file_exit_2(tmp_path, content, needle):
+    path = tmp_path / "prompts.jsonl"
+    if content is not None:
+        path.write_text(content)
+    out = subprocess.run([GPO_FAST, "train", "--preset", "sd35m-text", "--set", f'data.prompts="{path}"',
+                          "--out", str(tmp_path / "r")], capture_output=True, text=True)
+    assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr + out.stdout
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
