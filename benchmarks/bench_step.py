@@ -7,33 +7,56 @@ against the straightforward eager step, in the same run (shared/notes/benchmarks
     eager  what a first trainer writes: the reference prediction kept beside the policy's, per-sample
            errors with torch ops in float32, the loss of gpo_fast.objective, no checkpointing, torch AdamW
 
-Both: bf16 weights (or an nf4 base through bitsandbytes), LoRA rank 32 on the attention projections or
-full fine-tuning, one group of G images, random prompt embeddings of SD3.5's shapes (333 x 4096 tokens,
-2048 pooled: the text encoders are not part of a step once prompts are cached). Reported: median step
-time over `--steps` after `--warmup`, peak allocated and reserved memory; rows appended to
-benchmarks/results/step.csv ($OUT/step.csv when set) keyed by the GPU. Needs a CUDA GPU; `--tiny` runs the same code on a tiny
-transformer on the CPU (a smoke test: its numbers mean nothing).
+Both: the sd35m-counting preset's training settings (LoRA rank 32 on the attention projections, beta 1000,
+lr 1e-4, logit-normal noise levels), bf16 weights (or an nf4 base through bitsandbytes), LoRA or full
+fine-tuning, one group of G images under bf16 autocast as the trainer runs it, random prompt embeddings of
+SD3.5's shapes (333 x 4096 tokens, 2048 pooled: the text encoders are not part of a step once prompts are
+cached). Reported: median step time (wall clock between torch.cuda.synchronize calls) over `--steps` after
+`--warmup`, peak allocated and reserved memory of the whole step (weights included); rows appended to
+benchmarks/results/step.csv ($OUT/step.csv when set) keyed by the GPU, and a Markdown summary printed.
+A configuration that runs out of memory is a row with status "oom"; any other failure a row with status
+"error: ..." (and exit code 1), and the grid goes on.
+
+The nf4 base goes the way a user loads one: the random bf16 transformer is saved once per run to a
+temporary folder and loaded back with diffusers' BitsAndBytesConfig(load_in_4bit, nf4, bf16 compute), the
+route of gpo_fast.models.sd3 (model.quantize = "nf4"); the LoRA trains in float32 on top.
+
+Needs a CUDA GPU; `--tiny` runs the same code on a tiny transformer on the CPU in float32 with torch AdamW
+for both steps (a smoke test, and a parity check: both steps train the same trajectory; its times mean
+nothing).
 
     python benchmarks/bench_step.py                 # the full grid (GPU)
     python benchmarks/bench_step.py --quick         # 512 px, G = 8, bf16 and nf4, LoRA (gpu_check.sh)
+    python benchmarks/bench_step.py --tiny          # CPU smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
+import gc
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+import traceback
+from functools import cache
 from pathlib import Path
 
 import torch
 
 RESULTS = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results")  # $OUT: gpu_check.sh
-# SD3.5 Medium's transformer (shared/notes/benchmarks.md; diffusers' SD3Transformer2DModel config of
-# stabilityai/stable-diffusion-3.5-medium)
+# SD3.5 Medium's transformer, as in transformer/config.json of stabilityai/stable-diffusion-3.5-medium
+# (the hub is not reachable here; read from a fine-tune saved from that repository's snapshot b940f670,
+# https://huggingface.co/Prgckwb/trpfrog-sd3.5-medium/blob/afb7aeb/transformer/config.json, and the same
+# values in Tenstorrent's tt-metal SD3.5 helpers). Cross-checks: diffusers' single-file loader tells SD3.5
+# Medium by pos_embed of 147456 = 384^2 positions (pos_embed_max_size 384) and 9216 = 6 x 1536 adaLN
+# outputs (caption_projection_dim = 24 heads x 64); the model built from this config holds 2.243 B
+# parameters plus the 226 M-entry pos_embed buffer, 4.94 GB in bf16, the size of the hub's
+# diffusion_pytorch_model.safetensors.
 SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
              num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
              pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
@@ -41,55 +64,102 @@ SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num
 TINY = dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
             num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
             pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,))
-TOKENS = 333
+TOKENS = 333  # 77 CLIP tokens + 256 T5 tokens (StableDiffusion3Pipeline's max_sequence_length)
+TINY_TOKENS = 8
+TINY_RESOLUTION = 64  # 8 x 8 latents
 FIELDS = ["gpu", "commit", "resolution", "group_size", "base", "train", "impl", "step_ms_median", "peak_alloc_gb",
           "peak_reserved_gb", "loss_last", "status"]
-LORA = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
-def make_model(cfg: dict, base: str, device, dtype):
-    """A model behind gpo-fast's interface around a random SD3 transformer (nf4: quantized on load)."""
-    from diffusers import SD3Transformer2DModel
-
+@cache
+def bench_model_class():
+    """The class, defined once per process (gpo_fast.models imports diffusers: seconds, so not at import time,
+    and one class object, so that no model outlives its run through a class-level reference)."""
     from gpo_fast.models.base import AdapterMixin, PromptEmbeds
 
-    torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(**cfg)
-    if dtype != torch.float32:
-        transformer.to(dtype)
-    if base == "nf4":  # the honest route for a random model: save it, reload it quantized as a user would
-        from diffusers import BitsAndBytesConfig
-
-        with tempfile.TemporaryDirectory() as tmp:
-            transformer.save_pretrained(tmp)
-            transformer = SD3Transformer2DModel.from_pretrained(
-                tmp, torch_dtype=dtype, device_map={"": str(device)}, quantization_config=BitsAndBytesConfig(
-                    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
-    else:
-        transformer.to(device)
-
     class BenchModel(AdapterMixin, torch.nn.Module):
-        def __init__(self):
+        """gpo-fast's model interface (gpo_fast.models.base) around a bare SD3 transformer, with fixed random
+        prompt embeddings; predict() is SD3Model.predict."""
+
+        def __init__(self, transformer, tokens: int, device, dtype):
             super().__init__()
             self.transformer = transformer
+            self.dtype, self._device = dtype, torch.device(device)
+            c = transformer.config
             g = torch.Generator().manual_seed(1)
-            self.hidden = torch.randn(1, TOKENS if cfg is SD35M else 8, cfg["joint_attention_dim"], generator=g)
-            self.pooled = torch.randn(1, cfg["pooled_projection_dim"], generator=g)
+            self.hidden = torch.randn(1, tokens, c.joint_attention_dim, generator=g).to(device, dtype)
+            self.pooled = torch.randn(1, c.pooled_projection_dim, generator=g).to(device, dtype)
+
+        @property
+        def device(self) -> torch.device:
+            return self._device
 
         def encode_prompts(self, prompts):
             n = len(prompts)
-            return PromptEmbeds(self.hidden.expand(n, -1, -1).to(device, dtype), self.pooled.expand(n, -1).to(device, dtype))
+            return PromptEmbeds(self.hidden.expand(n, -1, -1), self.pooled.expand(n, -1))
 
         def predict(self, latents, sigmas, embeds):
+            timestep = (torch.as_tensor(sigmas, dtype=torch.float32, device=latents.device) * 1000.0
+                        ).expand(latents.shape[0])
             net = self.denoiser()
-            t = (torch.as_tensor(sigmas, dtype=torch.float32, device=latents.device) * 1000).expand(latents.shape[0])
-            return net(hidden_states=latents.to(net.dtype), encoder_hidden_states=embeds.hidden,
-                       pooled_projections=embeds.pooled, timestep=t, return_dict=False)[0]
+            dt = net.dtype
+            return net(hidden_states=latents.to(dt), encoder_hidden_states=embeds.hidden.to(dt),
+                       pooled_projections=embeds.pooled.to(dt), timestep=timestep, return_dict=False)[0]
 
         def schedule(self, steps):
             return torch.linspace(1.0, 0.0, steps + 1)
 
-    return BenchModel()
+    return BenchModel
+
+
+_saved: dict = {}  # the random bf16 transformer saved once per run, for the nf4 loads
+
+
+def _saved_folder(cfg: dict, device, dtype) -> str:
+    if "folder" not in _saved:
+        folder = tempfile.mkdtemp(prefix="bench-step-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _random_transformer(cfg, device, dtype).save_pretrained(folder)
+        gc.collect()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        _saved["folder"] = folder
+    return _saved["folder"]
+
+
+def _random_transformer(cfg: dict, device, dtype):
+    """SD3Transformer2DModel(**cfg) with torch.nn.init defaults, seed 0, initialised on `device` (seconds on
+    a GPU instead of minutes on the CPU), then cast to `dtype`."""
+    from diffusers import SD3Transformer2DModel
+
+    from diffusers.utils import logging as diffusers_logging
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(**cfg)
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # "modules that should be kept in float32: []": there are none
+    try:
+        transformer = transformer.to(device=device, dtype=dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # the float32 initialisation's blocks
+    return transformer
+
+
+def make_model(cfg: dict, base: str, device, dtype, tokens: int):
+    """The model behind gpo-fast's interface: a random SD3 transformer, bf16 (or the run's dtype) or nf4."""
+    if base == "nf4":
+        from diffusers import BitsAndBytesConfig, SD3Transformer2DModel
+
+        transformer = SD3Transformer2DModel.from_pretrained(
+            _saved_folder(cfg, device, dtype), torch_dtype=dtype, device_map={"": str(device)},
+            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_compute_dtype=torch.bfloat16))
+    else:
+        transformer = _random_transformer(cfg, device, dtype)
+    return bench_model_class()(transformer, tokens, device, dtype)
 
 
 def eager_step(model, x0, prompts, rewards, cfg, gen, opt):
@@ -105,7 +175,8 @@ def eager_step(model, x0, prompts, rewards, cfg, gen, opt):
     pred = model.predict(x_s, s, embeds)
     e = ((pred.float() - u.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))
     f = ((ref_pred.float() - u.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))
-    loss = loss_from_errors(e, f, rewards, group_size=r.group_size, beta=t.beta, objective=t.objective)
+    loss = loss_from_errors(e, f, rewards, group_size=r.group_size, beta=t.beta, objective=t.objective,
+                            eps_std=t.eps_std, min_std=t.min_std)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -125,45 +196,84 @@ def run_one(impl: str, resolution: int, g: int, base: str, train: str, args, dev
     from gpo_fast.config import load_config
     from gpo_fast.train import make_optimizer
 
-    cfg_model = TINY if tiny else SD35M
-    latent = (16, resolution // 8, resolution // 8) if not tiny else (16, 8, 8)
-    model = make_model(cfg_model, base, device, dtype)
+    ours = impl == "ours"
+    cfg = load_config(preset="sd35m-counting", overrides=[
+        f"rollout.group_size={g}", "rollout.prompts=1", f"train.micro_batch={args.micro_batch if ours else 0}",
+        f'train.optimizer="{"adamw8bit" if ours and not tiny else "adamw"}"'])
+    model = make_model(TINY if tiny else SD35M, base, device, dtype, TINY_TOKENS if tiny else TOKENS)
     if train == "lora":
-        model.add_lora(32 if not tiny else 4, 32.0 if not tiny else 4.0, LORA)
+        rank = 4 if tiny else cfg.lora.rank
+        model.add_lora(rank, float(rank) if tiny else cfg.lora.alpha, cfg.lora.targets)
     else:
         model.enable_full_finetune()
-    ours = impl == "ours"
-    if ours:
+    if ours:  # what gpo_fast.components.build_model does with train.gradient_checkpointing
         model.transformer.enable_gradient_checkpointing()
-    cfg = load_config(overrides=[f"rollout.group_size={g}", "rollout.prompts=1", "train.beta=1000",
-                                 f"train.micro_batch={args.micro_batch if ours else 0}",
-                                 f'train.optimizer="{"adamw8bit" if ours and not tiny else "adamw"}"'])
+    model.train()
     opt = make_optimizer(model.trainable_parameters(), cfg.train)
-    x0 = torch.randn((g, *latent), generator=torch.Generator().manual_seed(2)).to(device)
+    side = resolution // 8  # SD3's VAE: 8 pixels per latent
+    x0 = torch.randn((g, 16, side, side), generator=torch.Generator().manual_seed(2)).to(device)
     rewards = torch.arange(g, dtype=torch.float32, device=device)  # every member a different reward
     prompts = ["a photo of three cats"] * g
     step = ours_step if ours else eager_step
     gen = torch.Generator().manual_seed(3)
+    cuda = device.type == "cuda"
     times, last = [], None
-    if device.type == "cuda":
+    if cuda:  # peaks from here: the model, its optimizer and the steps; nothing of an earlier configuration
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     for i in range(args.warmup + args.steps):
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with autocast:
-            loss = step(model, x0, prompts, rewards, cfg, gen, opt)
-        if device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):  # the trainer's amp on a GPU
+            last = step(model, x0, prompts, rewards, cfg, gen, opt)
+        if cuda:
             torch.cuda.synchronize()
-        last = loss
         if i >= args.warmup:
             times.append((time.perf_counter() - t0) * 1000)
     gb = 2 ** 30
     return dict(step_ms_median=f"{statistics.median(times):.1f}", loss_last=f"{last:.6g}",
-                peak_alloc_gb=f"{torch.cuda.max_memory_allocated() / gb:.2f}" if device.type == "cuda" else "",
-                peak_reserved_gb=f"{torch.cuda.max_memory_reserved() / gb:.2f}" if device.type == "cuda" else "",
+                peak_alloc_gb=f"{torch.cuda.max_memory_allocated() / gb:.2f}" if cuda else "",
+                peak_reserved_gb=f"{torch.cuda.max_memory_reserved() / gb:.2f}" if cuda else "",
                 status="ok")
+
+
+def append_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
+    """Append rows to a CSV (its header first when the file is new), at once: a run cut short by a timeout
+    keeps what it measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def summary(rows: list[dict]) -> str:
+    lines = ["| px | G | base | train | eager ms | ours ms | speed-up | eager peak GB | ours peak GB | memory |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    key = ("resolution", "group_size", "base", "train")
+    for r in rows:
+        if r["impl"] != "ours":
+            continue
+        e = next((x for x in rows if x["impl"] == "eager" and all(x[k] == r[k] for k in key)), None)
+        if e is None:
+            continue
+        both = e["status"] == r["status"] == "ok"
+        speed = f"{float(e['step_ms_median']) / float(r['step_ms_median']):.2f}x" if both else "-"
+        mem = (f"{float(r['peak_alloc_gb']) / float(e['peak_alloc_gb']):.2f}x"
+               if both and e["peak_alloc_gb"] and float(e["peak_alloc_gb"]) > 0 else "-")
+        lines.append(f"| {r['resolution']} | {r['group_size']} | {r['base']} | {r['train']} | "
+                     f"{e['step_ms_median'] or e['status']} | {r['step_ms_median'] or r['status']} | {speed} | "
+                     f"{e['peak_alloc_gb'] or '-'} | {r['peak_alloc_gb'] or '-'} | {mem} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -173,17 +283,17 @@ def main(argv=None) -> int:
     ap.add_argument("--bases", nargs="+", default=["bf16", "nf4"], choices=["bf16", "nf4"])
     ap.add_argument("--trains", nargs="+", default=["lora", "full"], choices=["lora", "full"])
     ap.add_argument("--micro-batch", type=int, default=0, help="ours: images per forward (0: the whole group)")
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="512 px, G = 8, bf16 and nf4, LoRA")
-    ap.add_argument("--tiny", action="store_true", help="a tiny transformer on the CPU (smoke test)")
+    ap.add_argument("--quick", action="store_true", help="512 px, G = 8, bf16 and nf4, LoRA (gpu_check.sh)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny transformer on the CPU, float32 (smoke test)")
     ap.add_argument("--csv", type=Path, default=RESULTS / "step.csv")
     args = ap.parse_args(argv)
     if args.quick:
         args.resolutions, args.group_sizes, args.trains = [512], [8], ["lora"]
     if args.tiny:
         device, dtype, gpu = torch.device("cpu"), torch.float32, "cpu-tiny"
-        args.resolutions, args.bases = args.resolutions[:1], ["bf16"]
+        args.resolutions, args.bases = [TINY_RESOLUTION], ["bf16"]  # "bf16" = not quantized (float32 here)
     elif not torch.cuda.is_available():
         print("bench_step needs a CUDA GPU; nothing measured (use --tiny for a CPU smoke run)")
         return 0
@@ -192,7 +302,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_kernels import commit  # noqa: E402
 
-    rows = []
+    rev = commit()
+    rows, failed = [], False
     for res in args.resolutions:
         for g in args.group_sizes:
             for base in args.bases:
@@ -200,35 +311,28 @@ def main(argv=None) -> int:
                     if base == "nf4" and train == "full":
                         continue  # a quantized base trains through a LoRA only
                     for impl in ("eager", "ours"):
-                        row = dict(gpu=gpu, commit=commit(), resolution=res, group_size=g, base=base, train=train,
+                        row = dict(gpu=gpu, commit=rev, resolution=res, group_size=g, base=base, train=train,
                                    impl=impl)
                         try:
                             row.update(run_one(impl, res, g, base, train, args, device, dtype, args.tiny))
-                        except torch.cuda.OutOfMemoryError:
+                        except Exception as e:  # noqa: BLE001 - one configuration must not sink the grid
+                            status = "oom" if _is_oom(e) else f"error: {type(e).__name__}: {str(e)[:120]}"
+                            if status != "oom":
+                                failed = True
+                                traceback.print_exc()
                             row.update(step_ms_median="", peak_alloc_gb="", peak_reserved_gb="", loss_last="",
-                                       status="oom")
-                        torch.cuda.empty_cache() if device.type == "cuda" else None
+                                       status=status.replace("\n", " "))
+                        gc.collect()  # the model, its optimizer and any failed step's frames, before the next
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
                         rows.append(row)
-                        print(f"{res} px G={g} {base} {train} {impl}: {row['step_ms_median']} ms, "
-                              f"peak {row['peak_alloc_gb']} GB ({row['status']})", flush=True)
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    new = not args.csv.exists()
-    with args.csv.open("a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    print("\n| px | G | base | train | eager ms | ours ms | speed-up | eager GB | ours GB |\n|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if r["impl"] != "ours":
-            continue
-        e = next(x for x in rows if x["impl"] == "eager" and all(x[k] == r[k] for k in
-                                                               ("resolution", "group_size", "base", "train")))
-        speed = (f"{float(e['step_ms_median']) / float(r['step_ms_median']):.2f}x"
-                 if e["status"] == r["status"] == "ok" else "-")
-        print(f"| {r['resolution']} | {r['group_size']} | {r['base']} | {r['train']} | {e['step_ms_median'] or e['status']} "
-              f"| {r['step_ms_median'] or r['status']} | {speed} | {e['peak_alloc_gb']} | {r['peak_alloc_gb']} |")
-    return 0
+                        append_rows(args.csv, FIELDS, [row])
+                        print(f"{res} px G={g} {base} {train} {impl}: {row['step_ms_median'] or '-'} ms, "
+                              f"peak {row['peak_alloc_gb'] or '-'} GB allocated, {row['peak_reserved_gb'] or '-'} GB "
+                              f"reserved ({row['status']})", flush=True)
+    print(f"\n{gpu}, commit {rev}: one GPO update, median of {args.steps} steps\n")
+    print(summary(rows))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

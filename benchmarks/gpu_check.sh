@@ -6,12 +6,15 @@
 #   3. the step benchmark, quick grid (benchmarks/bench_step.py --quick: one GPO update of the SD3.5-M
 #      transformer at 512 px, G = 8, bf16 and nf4 base, LoRA; gpo-fast's step vs the eager one),
 #   4. the rollout benchmark (benchmarks/bench_rollout.py: images/s of one group of 8 at 512 px, 10 steps,
-#      CFG 4.5, the trainer's sampler vs StableDiffusion3Pipeline.__call__ on the same model).
+#      CFG 4.5, the trainer's sampler vs StableDiffusion3Pipeline.__call__ on the same model, latents and
+#      decoded images).
 # Writes gpu_check.log, kernels.csv, step.csv, rollout.csv, the plots and the summary to $OUT when set, else to
 # benchmarks/results/. Commit what it wrote under benchmarks/results/ (the files carry the card's name).
 #
-# Packages the image lacks (diffusers, bitsandbytes for the step benchmark) may travel as wheels in
-# .whl/ (see the device README); they are installed to /tmp/site when present.
+# Packages the image lacks may travel as wheels in .whl/ (see the device README); they are installed to
+# /tmp/site when present. The step benchmark needs diffusers, bitsandbytes and pydantic (gpo_fast.config;
+# with pydantic-core, annotated-types, typing-inspection), the rollout benchmark diffusers; without them
+# those steps fail with an ImportError in the log and the status is 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT="${OUT:-$PWD/benchmarks/results}"
@@ -34,7 +37,7 @@ status=0
   echo "== step benchmark (quick)"
   timeout 150 "$PY" benchmarks/bench_step.py --quick --steps 3 || status=1
   echo "== rollout benchmark"
-  timeout 120 "$PY" benchmarks/bench_rollout.py --repeats 3 || status=1
+  timeout 120 "$PY" benchmarks/bench_rollout.py --repeats 3 --outputs latent images || status=1
   echo "== gpu_check done, status $status"
   exit $status
 } 2>&1 | tee "$OUT/gpu_check.log"

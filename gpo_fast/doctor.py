@@ -2,6 +2,11 @@
 
 Every check is fast and never raises: a failure becomes a line with a fix. Required for any run: torch,
 diffusers, transformers, peft; the rest decide what runs well (GPU, kernels) or which rewards work.
+
+    checks(detector=None) -> list[Check]      the facts, one Check per line
+    render(checks) -> str                     the report as plain text, one line per check
+    print_report(checks, console)             the report as a rich table
+    main(console=None, detector=None) -> int  print it; 0 unless a required package fails
 """
 
 from __future__ import annotations
@@ -38,8 +43,25 @@ def _cuda() -> Check:
     if not torch.cuda.is_available():
         return Check("cuda", None, "no CUDA GPU: training runs on the CPU (the toy world is practical, SD3.5 is not)")
     p = torch.cuda.get_device_properties(0)
-    return Check("cuda", True, f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}, "
-                               f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} device(s)")
+    driver = _driver_version()
+    return Check("cuda", True, f"{p.name}, {p.total_memory / 2**30:.0f} GiB, compute capability {p.major}.{p.minor}, "
+                               f"{f'driver {driver}, ' if driver else ''}torch built for CUDA {torch.version.cuda}, "
+                               f"{torch.cuda.device_count()} device(s)")
+
+
+def _driver_version() -> str:
+    """The NVIDIA driver's version through NVML (nvidia-ml-py, which torch's CUDA wheels bring), or ''."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            v = pynvml.nvmlSystemGetDriverVersion()
+            return v.decode() if isinstance(v, bytes) else str(v)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - the line is complete without it
+        return ""
 
 
 def _kernels() -> Check:
@@ -52,11 +74,12 @@ def _kernels() -> Check:
             return Check("kernels", None, "triton absent: the loss runs the PyTorch reference")
         import triton
 
-        if torch.cuda.is_available():
-            return Check("kernels", True, f"triton {triton.__version__}: the fused kernels run natively on the GPU")
-        if kernels.INTERPRETED:
+        if kernels.INTERPRETED:  # set before gpo_fast.kernels was imported: interpreted on any device
             return Check("kernels", None, f"triton {triton.__version__}, TRITON_INTERPRET=1: the kernels run "
-                                          "interpreted on the CPU (tests only: slow)")
+                                          "interpreted (tests only: slow)",
+                         "unset TRITON_INTERPRET for training" if torch.cuda.is_available() else "")
+        if torch.cuda.is_available() and kernels.uses_triton(torch.empty(0, device="cuda")):
+            return Check("kernels", True, f"triton {triton.__version__}: the fused kernels run natively on the GPU")
         return Check("kernels", None, f"triton {triton.__version__}, no GPU: the loss runs the PyTorch reference")
     except Exception as e:  # noqa: BLE001
         return Check("kernels", False, f"gpo_fast.kernels does not import ({type(e).__name__}: {e})",
@@ -71,7 +94,16 @@ def _bitsandbytes() -> Check:
         p = torch.nn.Parameter(torch.zeros(4096 + 1, device="cuda" if torch.cuda.is_available() else "cpu"))
         p.grad = torch.ones_like(p)
         bnb.optim.AdamW8bit([p], lr=1e-3).step()
-        quant = "int8/nf4 base weights available" if torch.cuda.is_available() else "int8/nf4 need a GPU"
+        if not torch.cuda.is_available():
+            return Check("bitsandbytes", True, f"{bnb.__version__}: 8-bit AdamW steps; int8/nf4 base weights need a GPU")
+        try:  # one nf4 layer, quantized on the GPU, one forward
+            layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.bfloat16, quant_type="nf4").to("cuda")
+            layer(torch.ones(1, 64, device="cuda", dtype=torch.bfloat16))
+            quant = "nf4 layers run (model.quantize works)"
+        except Exception as e:  # noqa: BLE001
+            return Check("bitsandbytes", False, f"{bnb.__version__}: 8-bit AdamW steps, but an nf4 layer fails "
+                                                f"({type(e).__name__})",
+                         "model.quantize needs a bitsandbytes build for this CUDA: pip install -U bitsandbytes")
         return Check("bitsandbytes", True, f"{bnb.__version__}: 8-bit AdamW steps; {quant}")
     except Exception as e:  # noqa: BLE001
         return Check("bitsandbytes", False, f"8-bit AdamW does not run ({type(e).__name__})",
@@ -86,25 +118,37 @@ def _xformers() -> Check:
         import xformers.ops  # noqa: F401
     except Exception:  # noqa: BLE001
         return Check("xformers", None, "not installed: attention uses PyTorch SDPA (the default)")
+    version = getattr(xformers, "__version__", "")
     if not torch.cuda.is_available():
-        return Check("xformers", None, "installed, but it needs CUDA: attention uses PyTorch SDPA")
-    return Check("xformers", True, "installed: --set model.attention=xformers works")
+        return Check("xformers", None, f"{version} installed, but it needs CUDA: attention uses PyTorch SDPA")
+    try:  # what diffusers' enable_xformers_memory_efficient_attention tries first
+        q = torch.randn(1, 2, 1, 40, device="cuda", dtype=torch.float16)
+        xformers.ops.memory_efficient_attention(q, q, q)
+    except Exception as e:  # noqa: BLE001
+        return Check("xformers", False, f"{version} installed, but its CUDA attention fails ({type(e).__name__})",
+                     "pip install the xformers build that matches this torch, or keep model.attention='sdpa'")
+    return Check("xformers", True, f"{version}: its attention runs; --set model.attention=xformers works")
 
 
-def _yolo(detector: str) -> Check:
+DEFAULT_DETECTORS = ("yolo11x.pt", "yolo11n.pt")  # the presets' detector, and the small one
+
+
+def _yolo(detector: str | None) -> Check:
     try:
         from gpo_fast.rewards.counting import configure_ultralytics
 
-        configure_ultralytics()
+        configure_ultralytics()  # offline switches first: importing ultralytics then asks the network nothing
         import ultralytics
-
         from ultralytics.utils import SETTINGS
 
-        for where in (Path(detector), Path(SETTINGS["weights_dir"]) / detector):
-            if where.is_file():
-                return Check("yolo", True, f"ultralytics {ultralytics.__version__}, weights at {where}")
-        return Check("yolo", None, f"ultralytics {ultralytics.__version__}; {detector} is not on this machine",
-                     f"put {detector} in the working folder (or --set reward.detector=PATH); ultralytics downloads "
+        names = [detector] if detector else list(DEFAULT_DETECTORS)
+        for name in names:  # where the counting reward looks: the path itself, then ultralytics' weights_dir
+            for where in (Path(name).expanduser(), Path(SETTINGS["weights_dir"]) / Path(name).name):
+                if where.is_file():
+                    return Check("yolo", True, f"ultralytics {ultralytics.__version__}, weights at {where}")
+        wanted = " or ".join(names)
+        return Check("yolo", None, f"ultralytics {ultralytics.__version__}; {wanted} is not on this machine",
+                     f"put {names[0]} in the working folder (or --set reward.detector=PATH); ultralytics downloads "
                      "it where there is network")
     except Exception as e:  # noqa: BLE001
         return Check("yolo", False, f"ultralytics does not import ({type(e).__name__})",
@@ -117,8 +161,7 @@ def _easyocr() -> Check:
 
         from gpo_fast.rewards import text
 
-        folders = [text._easyocr_home_model_dir(), text._offline_package_dir()]  # where the reward looks
-        folders = [f for f in folders if f is not None]
+        folders = text.OcrTextReward(languages=("en",))._candidates()  # where the reward looks, in its order
         need = (text.DETECTOR_FILE, text.ENGLISH_FILE)
         for folder in folders:
             if all((folder / f).is_file() for f in need):
@@ -138,16 +181,17 @@ def _hub(model: str = "stabilityai/stable-diffusion-3.5-medium") -> Check:
         cached = f"; {model} is in the local cache" if isinstance(hit, str) else f"; {model} is not cached"
     except Exception:  # noqa: BLE001
         pass
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):  # huggingface_hub's reading
         return Check("hub", None, f"HF_HUB_OFFLINE is set: no downloads{cached}",
                      "pass local folders with --set model.path=...")
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     try:
         import urllib.request
 
-        urllib.request.urlopen(urllib.request.Request("https://huggingface.co", method="HEAD"), timeout=3)
-        return Check("hub", True, f"huggingface.co reachable{cached}")
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=3)
+        return Check("hub", True, f"{endpoint} reachable{cached}")
     except Exception as e:  # noqa: BLE001
-        return Check("hub", None, f"huggingface.co not reachable ({type(e).__name__}){cached}",
+        return Check("hub", None, f"{endpoint} not reachable ({type(e).__name__}){cached}",
                      "download models where there is network and pass --set model.path=/folder")
 
 
@@ -158,27 +202,63 @@ def _disk() -> Check:
                  "" if ok else "SD3.5 Medium needs ~20 GB for weights and checkpoints: free space or run elsewhere")
 
 
-def checks(detector: str = "yolo11x.pt") -> list[Check]:
+def _guarded(name: str, fn, *args) -> Check:
+    """Run one check; whatever it raises becomes a failed line (a doctor that crashes tells nothing)."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001
+        return Check(name, False, f"the check itself failed ({type(e).__name__}: {e})",
+                     "run `gpo-fast doctor` again; if it repeats, report this line")
+
+
+def checks(detector: str | None = None) -> list[Check]:
+    """Every check, in screen order. detector: the YOLO weights to look for (default: yolo11x.pt or yolo11n.pt)."""
     import platform
 
     out = [Check("python", True, platform.python_version())]
-    out += [_version(m) for m in ("torch", "diffusers", "transformers", "peft", "accelerate")]
+    out += [_guarded(m, _version, m) for m in ("torch", "diffusers", "transformers", "peft", "accelerate")]
     if out[1].ok:  # torch imports: the rest can look further
-        out += [_cuda(), _kernels(), _bitsandbytes(), _xformers()]
-    out += [_yolo(detector), _easyocr(), _hub(), _disk()]
+        out += [_guarded("cuda", _cuda), _guarded("kernels", _kernels), _guarded("bitsandbytes", _bitsandbytes),
+                _guarded("xformers", _xformers)]
+    out += [_guarded("yolo", _yolo, detector), _guarded("easyocr", _easyocr), _guarded("hub", _hub),
+            _guarded("disk", _disk)]
     return out
 
 
-def main(console=None, detector: str = "yolo11x.pt") -> int:
-    """Print the report; 0 unless a required package fails."""
+def failed_required(results: list[Check]) -> bool:
+    return any(c.ok is False and c.name in REQUIRED for c in results)
+
+
+MARKS = {True: "ok", False: "FAIL", None: "--"}
+
+
+def render(results: list[Check]) -> str:
+    """Plain text, one line per check: mark, name, what was found, and '-> what to do' when there is a fix."""
+    width = max(len(c.name) for c in results)
+    return "\n".join(f"{MARKS[c.ok]:4s} {c.name:{width}s}  {c.detail}" + (f"  -> {c.fix}" if c.fix else "")
+                     for c in results) + "\n"
+
+
+def print_report(results: list[Check], console=None) -> None:
+    """The checks as a rich table (colours on a terminal), one row per check."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
-    results = checks(detector)
     table = Table(show_header=False, box=None, pad_edge=False)
     for c in results:
         mark = {True: "[green]ok[/]", False: "[red]FAIL[/]", None: "[yellow]--[/]"}[c.ok]
-        table.add_row(mark, c.name, c.detail + (f"  [dim]-> {c.fix}[/]" if c.fix else ""))
+        table.add_row(mark, c.name, escape(c.detail) + (f"  [dim]-> {escape(c.fix)}[/]" if c.fix else ""))
     console.print(table)
-    return 1 if any(c.ok is False and c.name in REQUIRED for c in results) else 0
+
+
+def main(console=None, detector: str | None = None) -> int:
+    """Print the report; 0 unless a required package (torch, diffusers, transformers, peft) fails. No check
+    raises (each failure is a line); if rich cannot print, the plain-text report is printed instead."""
+    results = checks(detector)
+    try:
+        print_report(results, console)
+    except Exception:  # noqa: BLE001 - rich broken: plain text still tells the story
+        print(render(results), end="")
+    return 1 if failed_required(results) else 0

@@ -16,12 +16,17 @@ def test_bench_step_tiny_rows_and_parity(tmp_path):
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = list(csv.DictReader(out.open()))
+    for column in ("gpu", "commit", "resolution", "group_size", "base", "train", "impl", "step_ms_median",
+                   "peak_alloc_gb", "peak_reserved_gb", "status"):
+        assert column in rows[0]
     assert [r["impl"] for r in rows] == ["eager", "ours"] and all(r["status"] == "ok" for r in rows)
+    assert all(r["resolution"] == "64" and r["group_size"] == "4" and r["train"] == "lora" for r in rows)
+    assert all(float(r["step_ms_median"]) > 0 for r in rows)
     eager, ours = (float(r["loss_last"]) for r in rows)
-    assert abs(eager - 0.6931472) > 1e-4  # after 3 updates the loss has left softplus(0) = ln 2
-    # checkpointing and the fused loss are the same math; the loss is exp(beta * z) small here, so float
-    # differences in z of ~1e-6 show as ~0.2% in it
-    assert abs(ours - eager) <= 1e-2 * abs(eager)
+    assert abs(eager - 0.6931472) > 1e-3  # after 3 updates the loss has left softplus(0) = ln 2
+    # the same noise, the same optimizer (torch AdamW in --tiny): checkpointing, freeing the reference and the
+    # fused loss (Triton, interpreted here) against float32 torch ops change the float rounding only
+    assert abs(ours - eager) <= 1e-3 * abs(eager)
 
 
 def test_bench_step_without_a_gpu_says_so_and_exits_0(tmp_path):
@@ -40,5 +45,20 @@ def test_bench_rollout_tiny_matches_the_pipeline(tmp_path):
                           "--repeats", "1", "--group-size", "2", "--csv", str(out)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = list(csv.DictReader(out.open()))
-    assert [r["impl"] for r in rows] == ["pipeline", "ours"] and float(rows[1]["images_per_s"]) > 0
-    assert float(rows[0]["max_abs_diff"]) == 0.0  # the trainer's sampler draws the pipeline's latents
+    assert [(r["output"], r["impl"]) for r in rows] == [("latent", "pipeline"), ("latent", "ours"),
+                                                        ("images", "pipeline"), ("images", "ours")]
+    assert all(float(r["images_per_s"]) > 0 and r["group_size"] == "2" and r["steps"] == "2" for r in rows)
+    # the same components, noise, steps and guidance: the trainer's sampler draws the pipeline's latents, and
+    # its decoded rollout images are the pipeline's "pt" images
+    assert float(rows[0]["max_abs_diff"]) == 0.0
+    assert float(rows[2]["max_abs_diff"]) <= 1e-5
+
+
+def test_bench_rollout_without_a_gpu_says_so_and_exits_0(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_rollout.py"), "--csv", str(tmp_path / "r.csv")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and "needs a CUDA GPU" in run.stdout and not (tmp_path / "r.csv").exists()
