@@ -12,6 +12,10 @@ Notation (flow matching; for epsilon prediction read "target" as eps):
     A[p, i]           rewards standardized within the group (population std):
                       (r - mean_p) / (std_p + eps_std); a group with std_p < min_std is
                       degenerate and adds no loss and no gradient
+    excluded members  a non-finite reward (NaN: the reward engine failed on that image) takes the
+                      member out of its group: mean_p and std_p are over the other members, its
+                      A is 0, it is in no pair and never best or worst, and its gradient is 0.
+                      A group with fewer than two finite rewards is degenerate.
     l(z)              -log sigmoid(-beta * z) = softplus(beta * z)
 
 Objectives, per non-degenerate group p:
@@ -52,12 +56,16 @@ def standardize_rewards(
     eps_std: float = DEFAULT_EPS_STD,
     min_std: float = DEFAULT_MIN_STD,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group-standardized rewards A (P, G) and the mask of non-degenerate groups (P,)."""
+    """Group-standardized rewards A (P, G) and the mask of non-degenerate groups (P,).
+
+    Members with a non-finite reward are excluded: the statistics are over the finite ones, their A is 0."""
     r = rewards.to(_math_dtype(rewards)).reshape(-1, group_size)
-    mu = r.mean(dim=1, keepdim=True)
-    centered = r - mu
-    std = centered.pow(2).mean(dim=1, keepdim=True).sqrt()
-    valid = std.squeeze(1) >= min_std
+    ok = torch.isfinite(r)
+    count = ok.sum(dim=1, keepdim=True).clamp(min=1).to(r.dtype)
+    mu = torch.where(ok, r, 0.0).sum(dim=1, keepdim=True) / count
+    centered = torch.where(ok, r - mu, 0.0)
+    std = (centered.pow(2).sum(dim=1, keepdim=True) / count).sqrt()
+    valid = std.squeeze(1) >= min_std  # min_std > 0: fewer than two finite members is degenerate
     # zero in degenerate groups (with eps_std = 0 they would be 0/0, and NaN survives a masked backward)
     advantages = torch.where(valid[:, None], centered / (std + eps_std), 0.0)
     return advantages, valid
@@ -74,17 +82,20 @@ def group_losses(
     if objective == "gpo":
         return _l((advantages * d).sum(dim=1), beta)
     if objective == "gpo-pairs":
-        # pair (i, j) counts when r_i > r_j, weighted by A_i - A_j (> 0 there)
-        better = rewards[:, :, None] > rewards[:, None, :]
+        # pair (i, j) counts when r_i > r_j, weighted by A_i - A_j (> 0 there); NaN compares False
+        ok = torch.isfinite(rewards)
+        better = ok[:, :, None] & ok[:, None, :] & (rewards[:, :, None] > rewards[:, None, :])
         weight = torch.where(better, advantages[:, :, None] - advantages[:, None, :], 0.0)
         pair_loss = _l(d[:, :, None] - d[:, None, :], beta)
         total_weight = weight.sum(dim=(1, 2))
         # a degenerate group has no pair: keep its (masked-out) value finite
         return (weight * pair_loss).sum(dim=(1, 2)) / torch.where(total_weight > 0, total_weight, 1.0)
     if objective == "dpo":
-        # argmax/argmin return the first index of the extreme value: lowest index on ties
-        best = rewards.argmax(dim=1, keepdim=True)
-        worst = rewards.argmin(dim=1, keepdim=True)
+        # argmax/argmin return the first index of the extreme value: lowest index on ties;
+        # an excluded member is never the extreme of a non-degenerate group
+        ok = torch.isfinite(rewards)
+        best = torch.where(ok, rewards, -math.inf).argmax(dim=1, keepdim=True)
+        worst = torch.where(ok, rewards, math.inf).argmin(dim=1, keepdim=True)
         z = d.gather(1, best) - d.gather(1, worst)
         return _l(z.squeeze(1), beta)
     raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")

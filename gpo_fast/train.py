@@ -33,7 +33,7 @@ from gpo_fast.distributed import Dist
 from gpo_fast.evaluate import evaluate_prompts, evaluate_toy
 from gpo_fast.kernels import gpo_loss, sample_mse
 from gpo_fast.models.base import DiffusionModel
-from gpo_fast.objective import loss_from_errors
+from gpo_fast.objective import loss_from_errors, standardize_rewards
 from gpo_fast.prompts import write_jsonl
 from gpo_fast.sampling import rollout
 
@@ -113,7 +113,7 @@ def gpo_update(model: DiffusionModel, x0, prompts: list[str], rewards, config: C
     x_s, u, s = group_noise(x0, r.group_size, t, model.schedule(r.steps), generator, shard)
     scale = 1.0
     if dist is not None and dist.world > 1:
-        valid = (rewards.view(-1, r.group_size).std(dim=1, unbiased=False) >= t.min_std).sum().float()
+        valid = standardize_rewards(rewards, r.group_size, t.eps_std, t.min_std)[1].sum().float()
         scale = (valid / dist.sum(valid).clamp(min=1.0)).item()
     embeds = model.encode_prompts(prompts)
     loss_kw = dict(group_size=r.group_size, beta=t.beta, objective=t.objective, eps_std=t.eps_std, min_std=t.min_std)
@@ -142,16 +142,8 @@ def gpo_update(model: DiffusionModel, x0, prompts: list[str], rewards, config: C
 
 
 def degenerate_fraction(rewards: torch.Tensor, group_size: int, min_std: float) -> float:
-    return (rewards.view(-1, group_size).std(dim=1, unbiased=False) < min_std).float().mean().item()
-
-
-def fill_failed(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """A member whose reward engine failed (NaN) gets its group's mean reward: advantage 0, so it neither
-    pulls nor pushes; a group with no finite reward becomes degenerate."""
-    r = rewards.view(-1, group_size)
-    ok = torch.isfinite(r)
-    mean = torch.where(ok, r, 0.0).sum(1, keepdim=True) / ok.sum(1, keepdim=True).clamp(min=1)
-    return torch.where(ok, r, mean).view(-1)
+    """Fraction of groups without loss: all finite rewards equal (or fewer than two finite)."""
+    return (~standardize_rewards(rewards, group_size, min_std=min_std)[1]).float().mean().item()
 
 
 def train(config: Config, log=print, progress=None, on_update=None, resume: Path | None = None) -> RunResult:
@@ -244,7 +236,8 @@ def train(config: Config, log=print, progress=None, on_update=None, resume: Path
         x0 = x0.float()
         scored = reward_fn.measure(images.float().cpu(), per_sample)
         failed = int(dist.sum(torch.isnan(scored.reward).sum()))
-        rewards = fill_failed(scored.reward.float(), ro.group_size).to(x0.device)
+        # a NaN reward (the engine failed on that image) excludes its member from its group in the loss
+        rewards = scored.reward.float().to(x0.device)
         del images
         stats = []
         for _ in range(config.train.inner_updates):
@@ -272,10 +265,12 @@ def train(config: Config, log=print, progress=None, on_update=None, resume: Path
             if on_update is not None:
                 on_update(updates)
         every_reward = dist.gather(rewards.float().cpu())
+        finite = every_reward[torch.isfinite(every_reward)]  # the members scored
         row = {
             "rollout": rnd, "updates": updates,
             "loss": float(dist.sum(torch.tensor(sum(s["loss"] for s in stats) / len(stats)))),
-            "reward_mean": every_reward.mean().item(), "reward_std": every_reward.std(unbiased=False).item(),
+            "reward_mean": finite.mean().item() if finite.numel() else math.nan,
+            "reward_std": finite.std(unbiased=False).item() if finite.numel() else math.nan,
             "accuracy": dist.gather(scored.correct.float().cpu()).mean().item(),
             "degenerate_fraction": degenerate_fraction(every_reward, ro.group_size, config.train.min_std),
             "implicit_acc": _nanmean([s["implicit_acc"] for s in stats]),

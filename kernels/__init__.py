@@ -60,7 +60,8 @@ def gpo_loss(
 
     pred, target: (N, ...) float32 / bfloat16 / float16, the G members of each group contiguous.
     ref_err:      (N,) the reference model's per-sample error (``sample_mse`` of its prediction).
-    rewards:      (N,) raw rewards; standardized per group inside the loss.
+    rewards:      (N,) raw rewards; standardized per group inside the loss. A non-finite reward (NaN:
+                  the reward engine failed on that image) excludes its member from its group.
     objective:    "gpo" (default), "gpo-pairs" or "dpo" (best vs worst of each group).
     eps_std, min_std: the standardization's epsilon and the degenerate-group threshold.
     return_policy_err: also return the policy's per-sample error e (N,), detached, for logging.

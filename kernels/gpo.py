@@ -4,9 +4,10 @@ Forward, two launches (the group-wide reduction sits between them, method.md "Gr
   1. _sq_err_partials_kernel, grid (N, n_chunks): the one pass over pred and target; each program
      writes the float32 partial sum of (pred - target)^2 of its chunk.
   2. _gpo_finalize_kernel, one program: adds the partials of each sample in a fixed order (e = sum/D),
-     d = e - ref_err, standardizes the rewards of each group, computes every group's loss, the mean
-     over non-degenerate groups and the per-sample coefficients c = dL/dd. It reads N * n_chunks + 2N
-     floats: nothing beside the pass over pred and target.
+     d = e - ref_err, standardizes the rewards of each group (a non-finite reward excludes its
+     member), computes every group's loss, the mean over non-degenerate groups and the per-sample
+     coefficients c = dL/dd. It reads N * n_chunks + 2N floats: nothing beside the pass over pred
+     and target.
 Backward, one launch: grad = c[n] * (2 / D) * (pred - target) * grad_output, in pred's dtype
 (_scaled_diff_kernel). Saved for backward: c (N floats), and pred and target, which exist anyway.
 
@@ -40,17 +41,21 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _standardize(rewards_ptr, n, member, is_group, G: tl.constexpr, eps_std, min_std):
-    """Rewards r, advantages A = (r - mean) / (std + eps_std) and the non-degenerate mask of a tile."""
+def _standardize(rewards_ptr, n, member, is_group, eps_std, min_std):
+    """Rewards r, the finite-reward mask ok, advantages A = (r - mean) / (std + eps_std) over the ok
+    members, and the non-degenerate mask of a tile. A member with a non-finite reward is excluded."""
     r = tl.load(rewards_ptr + n, mask=member, other=0.0).to(tl.float32)
-    mu = tl.sum(r, axis=1) / G
-    centered = tl.where(member, r - mu[:, None], 0.0)
-    std = tl.sqrt(tl.sum(centered * centered, axis=1) / G)
-    valid = (std >= min_std) & is_group
+    ok = member & (tl.abs(r) < float("inf"))  # False for NaN and +-inf
+    r = tl.where(ok, r, 0.0)
+    count = tl.maximum(tl.sum(ok.to(tl.float32), axis=1), 1.0)
+    mu = tl.sum(r, axis=1) / count
+    centered = tl.where(ok, r - mu[:, None], 0.0)
+    std = tl.sqrt(tl.sum(centered * centered, axis=1) / count)
+    valid = (std >= min_std) & is_group  # min_std > 0: fewer than two ok members is degenerate
     # zero advantages in degenerate groups: with eps_std = 0 they would be 0/0
     denom = tl.where(valid, std + eps_std, 1.0)
     adv = tl.where(valid[:, None], centered / denom[:, None], 0.0)
-    return r, adv, valid
+    return r, ok, adv, valid
 
 
 @triton.jit
@@ -70,7 +75,7 @@ def _gpo_finalize_kernel(
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         member = (p[:, None] < P) & (g < G)
-        _, _, valid = _standardize(rewards_ptr, p[:, None] * G + g, member, p < P, G, eps_std, min_std)
+        _, _, _, valid = _standardize(rewards_ptr, p[:, None] * G + g, member, p < P, eps_std, min_std)
         valid_count += valid.to(tl.float32)
     n_valid = tl.maximum(tl.sum(valid_count, axis=0), 1.0)
 
@@ -89,14 +94,14 @@ def _gpo_finalize_kernel(
         e = acc / D
         f = tl.load(ref_err_ptr + n, mask=member, other=0.0).to(tl.float32)
         d = tl.where(member, e - f, 0.0)
-        r, adv, valid = _standardize(rewards_ptr, n, member, p < P, G, eps_std, min_std)
+        r, ok, adv, valid = _standardize(rewards_ptr, n, member, p < P, eps_std, min_std)
 
         if OBJECTIVE == 0:  # gpo: l(sum_i A_i d_i)
             z = beta * tl.sum(adv * d, axis=1)
             group_loss = _softplus(z)
             dl_dd = (beta * _sigmoid(z))[:, None] * adv
         elif OBJECTIVE == 1:  # gpo-pairs: sum over r_i > r_j of (A_i - A_j) l(d_i - d_j), normalised
-            better = member[:, :, None] & member[:, None, :] & (r[:, :, None] > r[:, None, :])
+            better = ok[:, :, None] & ok[:, None, :] & (r[:, :, None] > r[:, None, :])
             w = tl.where(better, adv[:, :, None] - adv[:, None, :], 0.0)
             w_sum = tl.sum(tl.sum(w, axis=2), axis=1)
             w_sum = tl.where(w_sum > 0, w_sum, 1.0)
@@ -105,10 +110,10 @@ def _gpo_finalize_kernel(
             m = w * (beta * _sigmoid(zij)) / w_sum[:, None, None]
             dl_dd = tl.sum(m, axis=2) - tl.sum(m, axis=1)  # as the i of a pair, minus as its j
         else:  # dpo: l(d_best - d_worst), lowest index on ties
-            r_max = tl.max(tl.where(member, r, float("-inf")), axis=1)
-            r_min = tl.min(tl.where(member, r, float("inf")), axis=1)
-            best = tl.min(tl.where(member & (r == r_max[:, None]), g, BLOCK_G), axis=1)
-            worst = tl.min(tl.where(member & (r == r_min[:, None]), g, BLOCK_G), axis=1)
+            r_max = tl.max(tl.where(ok, r, float("-inf")), axis=1)
+            r_min = tl.min(tl.where(ok, r, float("inf")), axis=1)
+            best = tl.min(tl.where(ok & (r == r_max[:, None]), g, BLOCK_G), axis=1)
+            worst = tl.min(tl.where(ok & (r == r_min[:, None]), g, BLOCK_G), axis=1)
             is_best = g == best[:, None]
             is_worst = g == worst[:, None]
             z = beta * (tl.sum(tl.where(is_best, d, 0.0), axis=1) - tl.sum(tl.where(is_worst, d, 0.0), axis=1))

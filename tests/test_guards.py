@@ -1,5 +1,5 @@
 """Numerical guards: a non-finite update is skipped and counted, several in a row stop the run with
-one sentence, and a reward engine failing on one image only neutralises that member."""
+one sentence, and a reward engine failing on one image excludes that member from its group."""
 
 import json
 import math
@@ -9,7 +9,7 @@ import torch
 
 from gpo_fast import train as train_module
 from gpo_fast.config import load_config
-from gpo_fast.train import TrainingDiverged, fill_failed
+from gpo_fast.train import TrainingDiverged
 
 ARGS = ["train.inner_updates=1", "rollout.prompts=2", "rollout.group_size=4", "rollout.steps=2", "eval.samples=10",
         "eval.steps=1", "eval.every=0", "reward.partial_credit=true", 'train.optimizer="adamw"']
@@ -47,10 +47,38 @@ def test_non_finite_updates_in_a_row_stop_the_run_in_one_sentence(monkeypatch, t
     assert not (tmp_path / "summary.json").exists()
 
 
-def test_a_failed_reward_neutralises_only_its_member():
-    r = torch.tensor([1.0, math.nan, 0.0, 1.0, math.nan, math.nan, math.nan, math.nan])
-    filled = fill_failed(r, 4).view(2, 4)
-    assert torch.isfinite(filled).all()
-    assert filled[0, 1] == pytest.approx(2 / 3)  # the mean of its group: advantage 0
-    assert torch.equal(filled[0, [0, 2, 3]], torch.tensor([1.0, 0.0, 1.0]))
-    assert filled[1].std() == 0  # nothing finite: a degenerate group, no loss and no gradient
+def test_a_failed_reward_excludes_its_member_and_is_counted(monkeypatch, tmp_path):
+    """The reward engine fails on member 1 of every group: the run goes on, the loss gets the NaN (which
+    excludes the member, tests/test_objective.py), the failures are counted and the model still learns."""
+    real_build, seen = train_module.build_reward, []
+
+    def build_reward(config, device):
+        reward = real_build(config, device)
+        real_measure = reward.measure
+
+        def measure(images, prompts):
+            res = real_measure(images, prompts)
+            res.reward.view(-1, 4)[:, 1] = math.nan
+            return res
+
+        reward.measure = measure
+        return reward
+
+    real_update = train_module.gpo_update
+
+    def update(model, x0, prompts, rewards, *args, **kwargs):
+        seen.append(rewards.clone())
+        return real_update(model, x0, prompts, rewards, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "build_reward", build_reward)
+    monkeypatch.setattr(train_module, "gpo_update", update)
+    result = train_module.train(load_config(overrides=[*ARGS, "train.rollouts=3", f'out="{tmp_path}"']),
+                                log=lambda *a: None)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["reward_failures"] for r in rows] == [2, 2, 2]
+    assert all(r["skipped_updates"] == 0 and math.isfinite(r["loss"]) for r in rows)
+    assert all(math.isfinite(r["reward_mean"]) and math.isfinite(r["reward_std"]) for r in rows)
+    assert all(torch.isnan(r.view(-1, 4)[:, 1]).all() and torch.isfinite(r.view(-1, 4)[:, [0, 2, 3]]).all()
+               for r in seen)
+    assert result.summary["steps"] == 3
+    assert all(torch.isfinite(p).all() for p in result.model.trainable_parameters())

@@ -314,3 +314,25 @@ def test_softplus_keeps_tiny_losses_relative(kernel_device):
     (k_loss, _), (r_loss, _) = _both(batch, group_size=2, beta=1000.0, objective="gpo")
     assert 0 < r_loss.item() < 1e-8
     torch.testing.assert_close(k_loss, r_loss, rtol=1e-4, atol=0.0)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_a_nan_reward_excludes_its_member(kernel_device, objective):
+    """A failed reward (NaN; +-inf too) takes its member out of the group: parity with the reference,
+    no gradient for it, and the loss of the same batch with the member removed."""
+    nan, inf = float("nan"), float("inf")
+    batch = make_batch(15, (3, 7, 5), torch.float32, kernel_device, seed=13)
+    batch["rewards"] = torch.tensor([0.2, nan, 0.9, 0.4, 0.7,
+                                     inf, 1.0, 0.0, 0.0, 0.5,
+                                     nan, 0.3, nan, -inf, nan], device=kernel_device)
+    (k_loss, k_grad), (r_loss, r_grad) = _both(batch, group_size=5, beta=4.0, objective=objective)
+    assert torch.isfinite(k_loss) and torch.isfinite(k_grad).all()
+    torch.testing.assert_close(k_loss, r_loss, **TOL[torch.float32]["loss"])
+    torch.testing.assert_close(k_grad, r_grad, **TOL[torch.float32]["grad"])
+    kept = torch.isfinite(batch["rewards"]).cpu()
+    kept[10:] = False  # one finite reward left: a degenerate group
+    assert torch.equal(k_grad[~kept.to(kernel_device)], torch.zeros_like(k_grad[~kept.to(kernel_device)]))
+    smaller = {k: v[kept.to(kernel_device)] for k, v in batch.items()}
+    (s_loss, s_grad), _ = _both(smaller, group_size=4, beta=4.0, objective=objective)
+    torch.testing.assert_close(k_loss, s_loss, **TOL[torch.float32]["loss"])
+    torch.testing.assert_close(k_grad[kept.to(kernel_device)], s_grad, **TOL[torch.float32]["grad"])

@@ -112,3 +112,39 @@ def test_gpo_gradient_coefficient_matches_method():
     s = (adv * (e - f).detach().view(2, 3)).sum(1, keepdim=True)
     expected = (beta * torch.sigmoid(beta * s) * adv / 2).flatten()
     torch.testing.assert_close(e.grad, expected)
+
+
+# A failed reward (NaN) excludes its member: the loss is that of the groups without it.
+NAN = float("nan")
+EXCLUDED_REWARDS = [0.2, NAN, 0.9, 0.4, 0.7,    # one member out: a group of 4
+                    NAN, 1.0, 0.0, 0.0, 0.5,    # the first member out, ties left
+                    NAN, 0.3, NAN, NAN, NAN]    # one finite reward left: degenerate
+
+
+@pytest.mark.parametrize("objective", ["gpo", "gpo-pairs", "dpo"])
+def test_a_nan_reward_excludes_its_member_exactly(objective):
+    g = torch.Generator().manual_seed(4)
+    e = torch.rand(15, dtype=torch.float64, generator=g).requires_grad_(True)
+    f = torch.rand(15, dtype=torch.float64, generator=g)
+    r = torch.tensor(EXCLUDED_REWARDS, dtype=torch.float64)
+    loss = loss_from_errors(e, f, r, group_size=5, beta=2.5, objective=objective)
+    loss.backward()
+    kept = torch.isfinite(r)
+    kept[10:] = False  # the degenerate group contributes nothing either way
+    e2 = e.detach()[kept].clone().requires_grad_(True)
+    expected = loss_from_errors(e2, f[kept], r[kept], group_size=4, beta=2.5, objective=objective)
+    expected.backward()
+    assert torch.isfinite(loss) and loss.item() > 0
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(e.grad[kept], e2.grad)
+    assert torch.equal(e.grad[~kept], torch.zeros_like(e.grad[~kept]))
+    # and by hand, group by group
+    assert loss.item() == pytest.approx(_by_hand(e2.detach(), f[kept], r[kept], 4, 2.5, objective), rel=1e-9)
+
+
+def test_standardization_skips_nan_members():
+    adv, valid = standardize_rewards(torch.tensor([1.0, NAN, 0.0, 0.0, NAN, NAN]), 3)
+    expected = (torch.tensor([1.0, 0.0]) - 0.5) / (0.5 + 1e-6)
+    torch.testing.assert_close(adv[0, [0, 2]], expected)
+    assert adv[0, 1] == 0 and torch.isfinite(adv).all()
+    assert valid.tolist() == [True, False]
