@@ -8,7 +8,8 @@ pickle: loading one runs no code):
                           the best snapshot's score, the before metrics, the config
     manifest.json         sha256 of both files (written last: a folder without it is incomplete)
 Written atomically: into a hidden temporary folder, files fsynced, then renamed into place; the last
-`keep` checkpoints are kept. A checkpoint whose files do not match the manifest is reported by name.
+`keep` checkpoints are kept. A checkpoint whose files do not match the manifest is reported by name;
+a resume passes over it to the newest intact one (`latest_intact`).
 """
 
 from __future__ import annotations
@@ -144,8 +145,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def load_checkpoint(path: Path) -> dict:
-    """The state saved at path; CheckpointError naming the checkpoint when a file is damaged."""
+def verify_checkpoint(path: Path) -> None:
+    """CheckpointError naming the checkpoint when a file is missing, unreadable or fails its checksum."""
     path = Path(path)
     try:
         manifest = json.loads((path / "manifest.json").read_text())
@@ -153,10 +154,34 @@ def load_checkpoint(path: Path) -> dict:
             if not (path / name).is_file() or _sha256(path / name) != digest:
                 raise CheckpointError(f"checkpoint {path} is corrupted ({name} does not match its checksum); "
                                       "delete it to resume from the one before")
-        tensors = load_file(str(path / "tensors.safetensors"))
-        structure = json.loads((path / "state.json").read_text())
     except CheckpointError:
         raise
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}); "
+                              "delete it to resume from the one before") from None
+
+
+def latest_intact(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint of run_dir that passes its checksums, and one sentence per newer damaged one
+    that was passed over (left in place, for a look; the next checkpoint of that rollout replaces it)."""
+    skipped = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            skipped.append(str(e).split(";")[0])
+            continue
+        return path, skipped
+    return None, skipped
+
+
+def load_checkpoint(path: Path) -> dict:
+    """The state saved at path; CheckpointError naming the checkpoint when a file is damaged."""
+    path = Path(path)
+    verify_checkpoint(path)
+    try:
+        tensors = load_file(str(path / "tensors.safetensors"))
+        structure = json.loads((path / "state.json").read_text())
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}); "
                               "delete it to resume from the one before") from None

@@ -104,7 +104,7 @@ def train_cmd(
 def _resume(resume: str, set_: list[str], debug: bool) -> None:
     import torch
 
-    from gpo_fast.checkpoint import list_checkpoints
+    from gpo_fast.checkpoint import latest_intact, list_checkpoints
     from gpo_fast.config import RESUME_HARMLESS, ConfigError, changed_keys, load_config
 
     if resume == "latest":
@@ -128,12 +128,17 @@ def _resume(resume: str, set_: list[str], debug: bool) -> None:
     if math:
         _fail(f"--resume {run_dir}: changing {', '.join(math)} would change the training's math; drop those --set "
               f"or start a new run (keys a resume may change: {', '.join(sorted(RESUME_HARMLESS))})")
-    checkpoints = list_checkpoints(run_dir)
-    if not checkpoints:
+    if not list_checkpoints(run_dir):
         _fail(f"{run_dir} has no checkpoint yet (one is written every train.checkpoint_every rollouts); "
               "start it again with a new --out")
+    checkpoint, damaged = latest_intact(run_dir)
+    for reason in damaged:
+        typer.echo(f"warning: {reason}; passing over it to the checkpoint before", err=True)
+    if checkpoint is None:
+        _fail(f"every checkpoint in {run_dir / 'checkpoints'} is damaged, so the run cannot continue; start it "
+              "again with a new --out (the damaged folders are left in place)")
     try:
-        _run_training(config, resume=checkpoints[-1])
+        _run_training(config, resume=checkpoint)
     except _user_errors() as e:
         if debug:
             raise

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,6 +221,8 @@ def train(config: Config, log=print, progress=None, on_update=None, resume: Path
     mine = dist.shard(ro.prompts)  # this process's groups
     rnd = first - 1
     skipped = bad_in_a_row = degenerate_streak = 0
+    if history:  # a resumed run goes on counting
+        skipped = history[-1].get("skipped_updates", 0)
     for rnd in range(first, config.train.rollouts + 1):
         t0 = time.time()
         # every process draws the global prompts and noise (same generator), then keeps its groups
@@ -352,7 +355,9 @@ def _metrics_until(path: Path, rollout: int) -> list[dict]:
     """The metrics rows up to `rollout`, and the file cut back to them (a resumed run rewrites the rest)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     rows = [r for r in rows if r["rollout"] <= rollout]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp = path.with_name(path.name + ".tmp")  # a kill here leaves the old file whole
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
     return rows
 
 

@@ -137,3 +137,42 @@ def test_disk_full_stops_the_cli_in_one_sentence(tmp_path, monkeypatch):
     res = CliRunner().invoke(cli.app, ["train", *ARGS, "--set=train.rollouts=2", "--set=eval.every=0",
                                        "--out", str(tmp_path / "r")])
     assert res.exit_code == 2 and "No space left" in res.output and "Traceback" not in res.output
+
+
+def _corrupt(checkpoint: Path) -> None:
+    data = bytearray((checkpoint / "tensors.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (checkpoint / "tensors.safetensors").write_bytes(bytes(data))
+
+
+def test_resume_passes_over_a_damaged_latest_checkpoint_and_still_ends_exactly(tmp_path):
+    run = tmp_path / "run"
+    args = [*ARGS, "--set=train.rollouts=4", "--set=eval.every=0", "--set=train.keep_checkpoints=2"]
+    done = subprocess.run([GPO_FAST, "train", *args, "--out", str(run)], capture_output=True, text=True, env=ENV)
+    assert done.returncode == 0, done.stderr[-2000:]
+    adapter = run / "adapter" / "pytorch_lora_weights.safetensors"
+    uninterrupted, rows = load_file(str(adapter)), _rows(run)
+    assert [p.name for p in list_checkpoints(run)] == ["rollout-000002", "rollout-000003"]
+    (run / "summary.json").unlink()  # as if it had been killed after rollout 3's checkpoint
+    _corrupt(run / "checkpoints" / "rollout-000003")
+    resumed = subprocess.run([GPO_FAST, "train", "--resume", str(run)], capture_output=True, text=True, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "rollout-000003 is corrupted" in resumed.stderr and "passing over it" in resumed.stderr
+    assert "(rollout 2," in resumed.stdout  # "resumed from .../rollout-000002 (rollout 2, ...)"
+    again = load_file(str(adapter))
+    assert again.keys() == uninterrupted.keys() and all(torch.equal(again[k], uninterrupted[k]) for k in again)
+    assert _rows(run) == rows
+
+
+def test_resume_with_every_checkpoint_damaged_says_so(tmp_path):
+    run = tmp_path / "run"
+    args = [*ARGS, "--set=train.rollouts=3", "--set=eval.every=0"]
+    done = subprocess.run([GPO_FAST, "train", *args, "--out", str(run)], capture_output=True, text=True, env=ENV)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run / "summary.json").unlink()
+    for checkpoint in list_checkpoints(run):
+        _corrupt(checkpoint)
+    refused = subprocess.run([GPO_FAST, "train", "--resume", str(run)], capture_output=True, text=True, env=ENV)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "every checkpoint" in refused.stderr and "damaged" in refused.stderr
+    assert len(list_checkpoints(run)) == 2  # nothing deleted
