@@ -137,8 +137,9 @@ def loss_from_errors(
 ) -> torch.Tensor:
     """The loss from per-sample errors e (N,) and f (N,). Its gradient in e is c = dL/dd (method.md)."""
     dt = _math_dtype(policy_err)
-    d = (policy_err.to(dt) - ref_err.to(dt)).reshape(-1, group_size)
     r = rewards.to(dt).reshape(-1, group_size)
+    # an excluded member's d is never used; zero it so that a non-finite one cannot leak in as 0 * NaN
+    d = torch.where(torch.isfinite(r), (policy_err.to(dt) - ref_err.to(dt)).reshape(-1, group_size), 0.0)
     advantages, valid = standardize_rewards(r, group_size, eps_std, min_std)
     losses = group_losses(d, r, advantages, beta, objective)
     n_valid = valid.sum().clamp(min=1)

@@ -93,8 +93,8 @@ def _gpo_finalize_kernel(
             acc += tl.sum(tl.load(partial_ptr + n[:, :, None] * NC + c0 + c3, mask=mask, other=0.0), axis=2)
         e = acc / D
         f = tl.load(ref_err_ptr + n, mask=member, other=0.0).to(tl.float32)
-        d = tl.where(member, e - f, 0.0)
         r, ok, adv, valid = _standardize(rewards_ptr, n, member, p < P, eps_std, min_std)
+        d = tl.where(ok, e - f, 0.0)  # an excluded member's d never enters, even when not finite
 
         if OBJECTIVE == 0:  # gpo: l(sum_i A_i d_i)
             z = beta * tl.sum(adv * d, axis=1)

@@ -332,6 +332,9 @@ def test_a_nan_reward_excludes_its_member(kernel_device, objective):
     kept = torch.isfinite(batch["rewards"]).cpu()
     kept[10:] = False  # one finite reward left: a degenerate group
     assert torch.equal(k_grad[~kept.to(kernel_device)], torch.zeros_like(k_grad[~kept.to(kernel_device)]))
+    batch["ref_err"][1] = nan  # an excluded member's non-finite error must not leak in either
+    (n_loss, n_grad), (m_loss, m_grad) = _both(batch, group_size=5, beta=4.0, objective=objective)
+    assert torch.equal(n_loss, k_loss) and torch.equal(n_grad, k_grad) and torch.equal(m_loss, r_loss)
     smaller = {k: v[kept.to(kernel_device)] for k, v in batch.items()}
     (s_loss, s_grad), _ = _both(smaller, group_size=4, beta=4.0, objective=objective)
     torch.testing.assert_close(k_loss, s_loss, **TOL[torch.float32]["loss"])
