@@ -24,6 +24,7 @@ class Dist:
         self.rank = 0
         self.local_rank = 0
         self._state = None
+        self.comm_device = torch.device("cpu")  # where collectives run: NCCL only moves CUDA tensors
 
     @classmethod
     def from_env(cls) -> "Dist":
@@ -43,6 +44,8 @@ class Dist:
                 if gpu:
                     torch.cuda.set_device(d.local_rank)
                 dist.init_process_group(backend="nccl" if gpu else "gloo")
+            if dist.get_backend() == "nccl":
+                d.comm_device = torch.device("cuda", torch.cuda.current_device())
         return d
 
     @property
@@ -65,9 +68,9 @@ class Dist:
             return t
         import torch.distributed as dist
 
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
+        x = t.detach().to(self.comm_device, copy=True)
+        dist.all_reduce(x)
+        return x.to(t.device)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's (equal-sized) tensor, concatenated in rank order, on every rank."""
@@ -75,9 +78,10 @@ class Dist:
             return t
         import torch.distributed as dist
 
-        parts = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts)
+        x = t.detach().to(self.comm_device).contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x)
+        return torch.cat(parts).to(t.device)
 
     def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
         """Sum the gradients across ranks (a rank without a gradient contributes zeros)."""
