@@ -19,6 +19,7 @@ per mode and a summary (kernels-summary-<card>.md) are written beside it.
 
     python benchmarks/bench_kernels.py            # the full sweep, a few minutes on an H100
     python benchmarks/bench_kernels.py --quick    # one resolution, bf16, gpo only
+    python benchmarks/bench_kernels.py --budget-s 150   # the sweep in priority order, cut after 150 s
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ import argparse
 import csv
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -115,9 +118,26 @@ def minimal_bytes(mode: str, n: int, d: int, itemsize: int) -> int:
     return tensors * n * d * itemsize
 
 
+class _Stopped(BaseException):
+    """SIGTERM arrived (a timeout): the sweep ends at once."""
+
+
+def sweep(quick: bool) -> list[tuple[str, torch.dtype, int, int]]:
+    """(objective, dtype, latent H=W, N) to measure, the most important first (a time budget cuts the
+    tail): the default objective gpo in bf16, gpo in float32, then the other objectives."""
+    resolutions = [64] if quick else [64, 128]
+    dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float32]
+    objectives = ["gpo"] if quick else ["gpo", "gpo-pairs", "dpo"]
+    combos = sorted(((o, dt) for o in objectives for dt in dtypes),
+                    key=lambda c: (c[0] != "gpo", c[1] != torch.bfloat16, c[0]))
+    return [(o, dt, hw, n) for o, dt in combos for hw in resolutions for n in (8, 16, 32, 64)]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="512 px only, bf16, gpo only")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="start no new shape after this many seconds (0: no limit); the most important come first")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder (default: $OUT or benchmarks/results)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -135,42 +155,62 @@ def main(argv=None) -> int:
     print(f"{gpu}: device-to-device copy {copy_bw:.0f} GB/s")
     torch._dynamo.config.cache_size_limit = 64
 
-    resolutions = [64] if args.quick else [64, 128]
-    dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float32]
-    objectives = ["gpo"] if args.quick else ["gpo", "gpo-pairs", "dpo"]
-    rows = []
-    for objective in objectives:
-        providers = make_providers(objective)
-        for dtype in dtypes:
-            for hw in resolutions:
-                for n in (8, 16, 32, 64):
-                    g = torch.Generator(device="cuda").manual_seed(0)
-                    shape = (n, CHANNELS, hw, hw)
-                    target = torch.randn(shape, device="cuda", generator=g).to(dtype)
-                    pred = (target + 0.1 * torch.randn(shape, device="cuda", generator=g).to(dtype)).requires_grad_(True)
-                    ref_pred = target + 0.1 * torch.randn(shape, device="cuda", generator=g).to(dtype)
-                    rewards = torch.randn(n, device="cuda", generator=g)  # no degenerate group: all work done
-                    inputs = (pred, ref_pred, target, rewards)
-                    d = CHANNELS * hw * hw
-                    for name, fn in providers.items():
-                        for mode in ("forward", "backward", "full"):
-                            (med, p20, p80), peak_mb = measure(fn, inputs, mode)
-                            gbps = minimal_bytes(mode, n, d, pred.element_size()) / (med * 1e-3) / 1e9
-                            rows.append(dict(meta, provider=name, objective=objective, mode=mode, N=n, C=CHANNELS,
-                                             H=hw, W=hw, dtype=str(dtype).removeprefix("torch."),
-                                             median_ms=f"{med:.5f}", p20_ms=f"{p20:.5f}", p80_ms=f"{p80:.5f}",
-                                             peak_mb=f"{peak_mb:.1f}", gbps=f"{gbps:.1f}",
-                                             frac_copy_bw=f"{gbps / copy_bw:.3f}"))
-                            print(f"{objective:9s} {rows[-1]['dtype']:8s} N={n:2d} {hw * 8}px {name:7s} {mode:8s} "
-                                  f"{med:8.4f} ms  {peak_mb:8.1f} MB  {gbps:7.0f} GB/s")
-                    del pred, ref_pred, target
+    shapes = sweep(args.quick)
     csv_path = args.out / "kernels.csv"
-    new = not csv_path.exists()
-    with csv_path.open("a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    rows, providers, start = [], {}, time.monotonic()
+    writing = {"now": False, "stop": False}
+
+    def stop(signum, frame):  # `timeout` sends SIGTERM: keep what was measured, write the summary and plots
+        if writing["now"]:  # never in the middle of a CSV row: stop right after it
+            writing["stop"] = True
+        else:
+            raise _Stopped
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for i, (objective, dtype, hw, n) in enumerate(shapes):
+            if args.budget_s and time.monotonic() - start > args.budget_s:
+                print(f"time budget of {args.budget_s:.0f} s reached: {i} of {len(shapes)} shapes measured")
+                break
+            if objective not in providers:
+                providers[objective] = make_providers(objective)
+            g = torch.Generator(device="cuda").manual_seed(0)
+            shape = (n, CHANNELS, hw, hw)
+            target = torch.randn(shape, device="cuda", generator=g).to(dtype)
+            pred = (target + 0.1 * torch.randn(shape, device="cuda", generator=g).to(dtype)).requires_grad_(True)
+            ref_pred = target + 0.1 * torch.randn(shape, device="cuda", generator=g).to(dtype)
+            rewards = torch.randn(n, device="cuda", generator=g)  # no degenerate group: all work done
+            inputs = (pred, ref_pred, target, rewards)
+            d = CHANNELS * hw * hw
+            measured = []
+            for name, fn in providers[objective].items():
+                for mode in ("forward", "backward", "full"):
+                    (med, p20, p80), peak_mb = measure(fn, inputs, mode)
+                    gbps = minimal_bytes(mode, n, d, pred.element_size()) / (med * 1e-3) / 1e9
+                    measured.append(dict(meta, provider=name, objective=objective, mode=mode, N=n, C=CHANNELS,
+                                         H=hw, W=hw, dtype=str(dtype).removeprefix("torch."),
+                                         median_ms=f"{med:.5f}", p20_ms=f"{p20:.5f}", p80_ms=f"{p80:.5f}",
+                                         peak_mb=f"{peak_mb:.1f}", gbps=f"{gbps:.1f}",
+                                         frac_copy_bw=f"{gbps / copy_bw:.3f}"))
+                    print(f"{objective:9s} {measured[-1]['dtype']:8s} N={n:2d} {hw * 8}px {name:7s} {mode:8s} "
+                          f"{med:8.4f} ms  {peak_mb:8.1f} MB  {gbps:7.0f} GB/s")
+            del pred, ref_pred, target
+            writing["now"] = True
+            new = not csv_path.exists()  # each shape's rows on disk at once: a kill keeps what was measured
+            with csv_path.open("a", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=FIELDS)
+                if new:
+                    w.writeheader()
+                w.writerows(measured)
+            rows += measured
+            writing["now"] = False
+            if writing["stop"]:
+                raise _Stopped
+    except _Stopped:
+        print(f"stopped by SIGTERM after {len(rows) // 9} of {len(shapes)} shapes; writing what was measured")
+    if not rows:
+        print("bench_kernels: stopped before the first shape was measured")
+        return 1
     summary = summarize(rows, copy_bw)
     (args.out / f"kernels-summary-{card_slug(gpu)}.md").write_text(summary)
     print(summary)

@@ -42,3 +42,15 @@ def test_plots_are_written(tmp_path):
     bench.plot(_rows(), tmp_path, "Test-GPU")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "kernels-backward-Test-GPU.png", "kernels-forward-Test-GPU.png", "kernels-full-Test-GPU.png"]
+
+
+def test_the_sweep_measures_the_default_objective_in_bf16_first():
+    """A --budget-s cut keeps the headline shapes: gpo bf16 at both resolutions, then gpo float32."""
+    import torch
+
+    shapes = bench.sweep(quick=False)
+    assert len(shapes) == len(set(shapes)) == 3 * 2 * 2 * 4
+    assert {s[:2] for s in shapes[:8]} == {("gpo", torch.bfloat16)}
+    assert {s[2] for s in shapes[:8]} == {64, 128} and (("gpo", torch.bfloat16, 128, 64) in shapes[:8])
+    assert {s[:2] for s in shapes[8:16]} == {("gpo", torch.float32)}
+    assert bench.sweep(quick=True) == [("gpo", torch.bfloat16, 64, n) for n in (8, 16, 32, 64)]
