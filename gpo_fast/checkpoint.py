@@ -9,7 +9,7 @@ pickle: loading one runs no code):
     manifest.json         sha256 of both files (written last: a folder without it is incomplete)
 Written atomically: into a hidden temporary folder, files fsynced, then renamed into place; the last
 `keep` checkpoints are kept. A checkpoint whose files do not match the manifest is reported by name;
-a resume passes over it to the newest intact one (`latest_intact`).
+a resume passes over it to the newest intact one and moves it aside (`latest_intact`).
 """
 
 from __future__ import annotations
@@ -145,32 +145,64 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
 
 
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint whose files are missing, unparseable or fail their checksums (not a passing I/O error)."""
+
+
+_verified: dict = {}  # path -> the files' (size, mtime) when they last passed their checksums in this process
+
+
+def _fingerprint(path: Path) -> tuple:
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.iterdir()) if p.is_file())
+
+
 def verify_checkpoint(path: Path) -> None:
-    """CheckpointError naming the checkpoint when a file is missing, unreadable or fails its checksum."""
+    """DamagedCheckpoint naming the checkpoint when a file is missing or fails its checksum; CheckpointError
+    when it cannot be read at all (permissions, an I/O error: the checkpoint may be fine)."""
     path = Path(path)
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
-        for name, digest in manifest["sha256"].items():
+        fingerprint = _fingerprint(path)
+        if _verified.get(path.resolve()) == fingerprint:  # hashed already, unchanged since: no second pass
+            return
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+            digests = dict(manifest["sha256"])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DamagedCheckpoint(f"checkpoint {path} is corrupted (manifest.json: {type(e).__name__}); "
+                                    "delete it to resume from the one before") from None
+        for name, digest in digests.items():
             if not (path / name).is_file() or _sha256(path / name) != digest:
-                raise CheckpointError(f"checkpoint {path} is corrupted ({name} does not match its checksum); "
-                                      "delete it to resume from the one before")
-    except CheckpointError:
-        raise
-    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}); "
-                              "delete it to resume from the one before") from None
+                raise DamagedCheckpoint(f"checkpoint {path} is corrupted ({name} does not match its checksum); "
+                                        "delete it to resume from the one before")
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({e.strerror or e}); fix the folder's access "
+                              "and resume again") from None
+    _verified[path.resolve()] = fingerprint
 
 
-def latest_intact(run_dir: Path) -> tuple[Path | None, list[str]]:
+def latest_intact(run_dir: Path, move_aside: bool = True) -> tuple[Path | None, list[str]]:
     """The newest checkpoint of run_dir that passes its checksums, and one sentence per newer damaged one
-    that was passed over (left in place, for a look; the next checkpoint of that rollout replaces it)."""
+    passed over. With move_aside (the main process), a damaged one is renamed `damaged-rollout-N`: kept for
+    a look, out of the `keep` count and of later resumes; the other processes of a multi-GPU resume only
+    pass over it. An I/O error is raised, not passed over: that checkpoint may well be fine."""
     skipped = []
     for path in reversed(list_checkpoints(run_dir)):
         try:
             verify_checkpoint(path)
-        except CheckpointError as e:
-            skipped.append(str(e).split(";")[0])
+        except DamagedCheckpoint as e:
+            if move_aside:
+                aside = path.with_name("damaged-" + path.name)
+                if aside.exists():
+                    shutil.rmtree(aside)
+                os.replace(path, aside)
+                skipped.append(f"{str(e).split(';')[0]}; moved aside to {aside.name}")
+            else:
+                skipped.append(str(e).split(";")[0])
             continue
+        except CheckpointError:
+            if not move_aside and not path.exists():  # the main process moved it aside meanwhile
+                continue
+            raise
         return path, skipped
     return None, skipped
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -104,13 +105,13 @@ def train_cmd(
 def _resume(resume: str, set_: list[str], debug: bool) -> None:
     import torch
 
-    from gpo_fast.checkpoint import latest_intact, list_checkpoints
-    from gpo_fast.config import RESUME_HARMLESS, ConfigError, changed_keys, load_config
+    from gpo_fast.checkpoint import CheckpointError, latest_intact, list_checkpoints
+    from gpo_fast.config import RESUME_HARMLESS, ConfigError, load_config, resume_conflicts
 
-    if resume == "latest":
-        runs = [p.parent.parent for p in Path("runs").glob("*/checkpoints/*/manifest.json")]
+    if resume == "latest":  # the unfinished run under runs/ whose newest checkpoint is the most recent
+        runs = [r for r in Path("runs").glob("*") if list_checkpoints(r) and not (r / "summary.json").exists()]
         if not runs:
-            _fail("--resume latest: no run with a checkpoint under runs/; pass the run folder")
+            _fail("--resume latest: no unfinished run with a checkpoint under runs/; pass the run folder")
         run_dir = max(runs, key=lambda r: list_checkpoints(r)[-1].stat().st_mtime)
     else:
         run_dir = Path(resume)
@@ -124,19 +125,22 @@ def _resume(resume: str, set_: list[str], debug: bool) -> None:
         config = load_config(run_dir / "config.toml", overrides=[*set_, f"out={json.dumps(str(run_dir))}"])
     except ConfigError as e:
         _fail(str(e))
-    math = [k for k in changed_keys(saved, config) if k not in RESUME_HARMLESS]
+    math = resume_conflicts(saved, config)
     if math:
         _fail(f"--resume {run_dir}: changing {', '.join(math)} would change the training's math; drop those --set "
               f"or start a new run (keys a resume may change: {', '.join(sorted(RESUME_HARMLESS))})")
     if not list_checkpoints(run_dir):
         _fail(f"{run_dir} has no checkpoint yet (one is written every train.checkpoint_every rollouts); "
               "start it again with a new --out")
-    checkpoint, damaged = latest_intact(run_dir)
+    try:
+        checkpoint, damaged = latest_intact(run_dir, move_aside=os.environ.get("RANK", "0") == "0")
+    except CheckpointError as e:
+        _fail(str(e))
     for reason in damaged:
         typer.echo(f"warning: {reason}; passing over it to the checkpoint before", err=True)
     if checkpoint is None:
-        _fail(f"every checkpoint in {run_dir / 'checkpoints'} is damaged, so the run cannot continue; start it "
-              "again with a new --out (the damaged folders are left in place)")
+        _fail(f"every checkpoint in {run_dir / 'checkpoints'} is damaged (moved aside as damaged-rollout-N), so "
+              "the run cannot continue; start it again with a new --out")
     try:
         _run_training(config, resume=checkpoint)
     except _user_errors() as e:

@@ -344,6 +344,14 @@ RESUME_HARMLESS = {"out", "train.rollouts", "train.time_budget_s", "train.checkp
                    "eval.every"}
 
 
+def resume_conflicts(old: Config, new: Config) -> list[str]:
+    """Keys whose change would make a resumed run differ from the run it continues.
+
+    train.rollouts is harmless except under the cosine schedule, whose length it sets."""
+    harmless = RESUME_HARMLESS - ({"train.rollouts"} if old.train.lr_schedule == "cosine" else set())
+    return [k for k in changed_keys(old, new) if k not in harmless]
+
+
 def changed_keys(old: Config, new: Config) -> list[str]:
     """Dotted keys whose values differ between two configs."""
     a, b = old.model_dump(), new.model_dump()

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from gpo_fast.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from gpo_fast.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gpo_fast.components import build_model, build_prompts, build_reward, resolve_device
-from gpo_fast.config import Config, dump_config
+from gpo_fast.config import Config, dump_config, resume_conflicts
 from gpo_fast.distributed import Dist
 from gpo_fast.evaluate import evaluate_prompts, evaluate_toy
 from gpo_fast.kernels import gpo_loss, sample_mse
@@ -81,7 +81,8 @@ def group_noise(x0: torch.Tensor, group_size: int, cfg, schedule: torch.Tensor, 
 def implicit_reward_accuracy(d: torch.Tensor, rewards: torch.Tensor, group_size: int) -> float:
     """Fraction of ordered pairs r_i > r_j within groups where the policy prefers i (d_i < d_j)."""
     d, r = d.view(-1, group_size), rewards.view(-1, group_size)
-    better = r[:, :, None] > r[:, None, :]
+    ok = torch.isfinite(r)  # an excluded member is in no pair
+    better = ok[:, :, None] & ok[:, None, :] & (r[:, :, None] > r[:, None, :])
     n = better.sum().item()
     return float("nan") if n == 0 else ((d[:, :, None] < d[:, None, :]) & better).sum().item() / n
 
@@ -168,7 +169,16 @@ def train(config: Config, log=print, progress=None, on_update=None, resume: Path
     device = dist.device(resolve_device(config))
     # bf16 autocast on a GPU; float32 on the CPU
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-    # what can fail on bad input (a prompt file, weights, the model path) fails before anything is written
+    # what can fail on bad input (a checkpoint, a prompt file, weights, the model path) fails before anything
+    # is written
+    if resume is not None:
+        ck = load_checkpoint(resume)
+        if "config" in ck:  # config.toml edited by hand since the checkpoint was written
+            conflicts = resume_conflicts(Config.model_validate(ck["config"]), config)
+            if conflicts:
+                raise CheckpointError(f"checkpoint {resume} was written with other values of {', '.join(conflicts)}, "
+                                      "which change the training's math; put them back in config.toml or start a "
+                                      "new run")
     train_prompts, eval_prompts = build_prompts(config)  # a prompt file is checked against the COCO classes
     reward_fn = build_reward(config, device)
     if hasattr(reward_fn, "load"):  # missing detector / OCR weights: say so now
@@ -179,7 +189,7 @@ def train(config: Config, log=print, progress=None, on_update=None, resume: Path
     model = build_model(config, device, prompts=[p.text for p in train_prompts + eval_prompts])
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.toml").write_text(dump_config(config))
+        _write_atomic(out / "config.toml", dump_config(config))
     if main and config.model.kind != "toy":  # the prompts of this run, for the record
         write_jsonl(train_prompts + eval_prompts, out / "prompts.jsonl",
                     ["train"] * len(train_prompts) + ["eval"] * len(eval_prompts))
@@ -200,7 +210,6 @@ def train(config: Config, log=print, progress=None, on_update=None, resume: Path
     select_seed = ev.seed + 1  # validation seeds pick the best adapter; ev.seed measures it
     history, updates, first = [], 0, 1
     if resume is not None:  # every piece of state as it was after the checkpoint's rollout
-        ck = load_checkpoint(resume)
         _load_trained_state(model, ck["trainable"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -221,8 +230,10 @@ def train(config: Config, log=print, progress=None, on_update=None, resume: Path
     mine = dist.shard(ro.prompts)  # this process's groups
     rnd = first - 1
     skipped = bad_in_a_row = degenerate_streak = 0
-    if history:  # a resumed run goes on counting
-        skipped = history[-1].get("skipped_updates", 0)
+    if resume is not None:  # a resumed run goes on counting
+        skipped, bad_in_a_row, degenerate_streak = (ck.get("counters") or {}).get("values", (0, 0, 0))
+        if main and ev.every and best is None:  # validation switched on at the resume: start from here
+            best = _snapshot(model, ck["rollout"], evaluate(select_seed)[0]["accuracy"])
     for rnd in range(first, config.train.rollouts + 1):
         t0 = time.time()
         # every process draws the global prompts and noise (same generator), then keeps its groups
@@ -238,7 +249,7 @@ def train(config: Config, log=print, progress=None, on_update=None, resume: Path
                                     cfg_scale=ro.cfg_scale, generator=gen, batch_size=ro.batch_size, noise=noise)
         x0 = x0.float()
         scored = reward_fn.measure(images.float().cpu(), per_sample)
-        failed = int(dist.sum(torch.isnan(scored.reward).sum()))
+        failed = int(dist.sum((~torch.isfinite(scored.reward)).sum()))
         # a NaN reward (the engine failed on that image) excludes its member from its group in the loss
         rewards = scored.reward.float().to(x0.device)
         del images
@@ -283,7 +294,10 @@ def train(config: Config, log=print, progress=None, on_update=None, resume: Path
         }
         history.append(row)
         degenerate_streak = degenerate_streak + 1 if row["degenerate_fraction"] >= 0.9 else 0
-        if degenerate_streak == 5:
+        if degenerate_streak == 5 and failed:
+            log(f"warning: for 5 rollouts at least 90% of the groups had no loss, and the reward engine failed on "
+                f"{failed} of the {len(every_reward)} images of rollout {rnd}: check the engine with `gpo-fast doctor`")
+        elif degenerate_streak == 5:
             log(f"warning: for 5 rollouts at least 90% of the groups had all-equal rewards (degenerate: no loss, no "
                 "gradient); the model gets every image right or every image wrong on these prompts: use easier or "
                 "harder prompts, a larger rollout.group_size, or reward.partial_credit")
@@ -309,6 +323,8 @@ def train(config: Config, log=print, progress=None, on_update=None, resume: Path
                     "trainable": {k: v for k, v in model.named_parameters() if v.requires_grad},
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(gen),
                     "before": before, "before_images": before_images, "best": best,
+                    "config": config.model_dump(mode="json"),
+                    "counters": {"values": [skipped, bad_in_a_row, degenerate_streak]},
                 }, keep=config.train.keep_checkpoints)
         over = main and bool(config.train.time_budget_s) and time.time() - start > config.train.time_budget_s
         if dist.sum(torch.tensor(float(over))) > 0:  # every process stops after the same rollout
@@ -355,10 +371,15 @@ def _metrics_until(path: Path, rollout: int) -> list[dict]:
     """The metrics rows up to `rollout`, and the file cut back to them (a resumed run rewrites the rest)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     rows = [r for r in rows if r["rollout"] <= rollout]
-    tmp = path.with_name(path.name + ".tmp")  # a kill here leaves the old file whole
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    _write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace path's content so that a kill at any moment leaves the old file or the new one, whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _nanmean(xs):

@@ -82,3 +82,17 @@ def test_a_failed_reward_excludes_its_member_and_is_counted(monkeypatch, tmp_pat
                for r in seen)
     assert result.summary["steps"] == 3
     assert all(torch.isfinite(p).all() for p in result.model.trainable_parameters())
+
+
+def test_the_bad_update_streak_continues_across_a_resume(monkeypatch, tmp_path):
+    """Updates 2 and 3 fail, the checkpoint after rollout 3 is resumed, and the first update after it fails
+    too: three in a row, as in the uninterrupted run, so the run stops."""
+    cfg = load_config(overrides=[*ARGS, "train.rollouts=5", "train.max_bad_updates=3", "train.checkpoint_every=1",
+                                 "train.keep_checkpoints=5", f'out="{tmp_path}"'])
+    _poison(monkeypatch, {2, 3})
+    train_module.train(cfg, log=lambda *a: None)  # updates 4 and 5 succeed: the streak ends at 2
+    (tmp_path / "summary.json").unlink()
+    monkeypatch.undo()
+    _poison(monkeypatch, {1})
+    with pytest.raises(TrainingDiverged, match="3 updates in a row"):
+        train_module.train(cfg, log=lambda *a: None, resume=tmp_path / "checkpoints" / "rollout-000003")

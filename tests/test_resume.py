@@ -158,6 +158,7 @@ def test_resume_passes_over_a_damaged_latest_checkpoint_and_still_ends_exactly(t
     resumed = subprocess.run([GPO_FAST, "train", "--resume", str(run)], capture_output=True, text=True, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "rollout-000003 is corrupted" in resumed.stderr and "passing over it" in resumed.stderr
+    assert (run / "checkpoints" / "damaged-rollout-000003").is_dir()  # kept for a look, out of the keep count
     assert "(rollout 2," in resumed.stdout  # "resumed from .../rollout-000002 (rollout 2, ...)"
     again = load_file(str(adapter))
     assert again.keys() == uninterrupted.keys() and all(torch.equal(again[k], uninterrupted[k]) for k in again)
@@ -175,4 +176,60 @@ def test_resume_with_every_checkpoint_damaged_says_so(tmp_path):
     refused = subprocess.run([GPO_FAST, "train", "--resume", str(run)], capture_output=True, text=True, env=ENV)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "every checkpoint" in refused.stderr and "damaged" in refused.stderr
-    assert len(list_checkpoints(run)) == 2  # nothing deleted
+    assert list_checkpoints(run) == []  # both moved aside, nothing deleted:
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["damaged-rollout-000001", "damaged-rollout-000002"]
+
+
+def test_a_config_edited_by_hand_since_the_checkpoint_is_refused(tmp_path):
+    """The checkpoint carries the config it was written with; a hand edit of config.toml that changes
+    the math is caught even though --set was not used."""
+    import re
+
+    run = tmp_path / "run"
+    args = [*ARGS, "--set=train.rollouts=2", "--set=eval.every=0"]
+    done = subprocess.run([GPO_FAST, "train", *args, "--out", str(run)], capture_output=True, text=True, env=ENV)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run / "summary.json").unlink()
+    toml = (run / "config.toml").read_text()
+    edited = re.sub(r"(?m)^beta = .*$", "beta = 123.0", toml)
+    assert edited != toml
+    (run / "config.toml").write_text(edited)
+    refused = subprocess.run([GPO_FAST, "train", "--resume", str(run)], capture_output=True, text=True, env=ENV)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "train.beta" in refused.stderr and "rollout-000001" in refused.stderr.replace("\n", "")
+    assert (run / "config.toml").read_text() == edited  # nothing was rewritten
+
+
+def test_train_rollouts_changes_the_math_only_under_the_cosine_schedule():
+    from gpo_fast.config import load_config, resume_conflicts
+
+    for schedule, expected in (("constant", []), ("cosine", ["train.rollouts"])):
+        old = load_config(overrides=[f'train.lr_schedule="{schedule}"', "train.rollouts=10"])
+        new = load_config(overrides=[f'train.lr_schedule="{schedule}"', "train.rollouts=20", "train.keep_checkpoints=5"])
+        assert resume_conflicts(old, new) == expected
+
+
+def test_validation_switched_on_at_a_resume(tmp_path):
+    """eval.every may change on resume, also from 0 (no best snapshot in the checkpoint) to validating."""
+    run = tmp_path / "run"
+    args = [*ARGS, "--set=train.rollouts=3", "--set=eval.every=0"]
+    done = subprocess.run([GPO_FAST, "train", *args, "--out", str(run)], capture_output=True, text=True, env=ENV)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run / "summary.json").unlink()
+    resumed = subprocess.run([GPO_FAST, "train", "--resume", str(run), "--set", "eval.every=1"],
+                             capture_output=True, text=True, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((run / "summary.json").read_text())["best_rollout"] in (2, 3)
+
+
+def test_resume_latest_skips_finished_runs_and_half_written_checkpoints(tmp_path):
+    finished = tmp_path / "runs" / "finished" / "checkpoints" / "rollout-000001"
+    finished.mkdir(parents=True)
+    (finished / "manifest.json").write_text("{}")
+    (finished.parents[1] / "summary.json").write_text("{}")
+    half = tmp_path / "runs" / "killed" / "checkpoints" / ".tmp-rollout-000001"  # killed before the rename
+    half.mkdir(parents=True)
+    (half / "manifest.json").write_text("{}")
+    out = subprocess.run([GPO_FAST, "train", "--resume", "latest"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "no unfinished run with a checkpoint" in out.stderr
