@@ -89,6 +89,16 @@ def make_providers(objective: str):
     return {"triton": fused, "eager": eager, "compile": torch.compile(eager)}
 
 
+def configure_compile() -> None:
+    """torch.compile settings the benchmark needs: room for every shape's graph, and no donated buffers
+    (since torch 2.6 a compiled backward with donated buffers refuses the `retain_graph=True` that the
+    backward-only mode uses)."""
+    import torch._functorch.config as functorch_config
+
+    torch._dynamo.config.cache_size_limit = 64
+    functorch_config.donated_buffer = False
+
+
 def measure(fn, inputs, mode: str):
     """(median, p20, p80) ms and peak MB beyond the inputs for one provider and mode."""
     import triton
@@ -153,11 +163,11 @@ def main(argv=None) -> int:
     meta = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, commit=commit())
     copy_bw = copy_bandwidth_gbps()
     print(f"{gpu}: device-to-device copy {copy_bw:.0f} GB/s")
-    torch._dynamo.config.cache_size_limit = 64
+    configure_compile()
 
     shapes = sweep(args.quick)
     csv_path = args.out / "kernels.csv"
-    rows, providers, start = [], {}, time.monotonic()
+    rows, providers, failures, start = [], {}, [], time.monotonic()
     writing = {"now": False, "stop": False}
 
     def stop(signum, frame):  # `timeout` sends SIGTERM: keep what was measured, write the summary and plots
@@ -185,7 +195,13 @@ def main(argv=None) -> int:
             measured = []
             for name, fn in providers[objective].items():
                 for mode in ("forward", "backward", "full"):
-                    (med, p20, p80), peak_mb = measure(fn, inputs, mode)
+                    try:
+                        (med, p20, p80), peak_mb = measure(fn, inputs, mode)
+                    except Exception as e:  # noqa: BLE001 - one provider's failure must not sink the sweep
+                        failures.append(f"{objective} {dtype} N={n} {hw * 8}px {name} {mode}: {type(e).__name__}: {e}")
+                        print("FAILED", failures[-1][:300])
+                        pred.grad = None
+                        continue
                     gbps = minimal_bytes(mode, n, d, pred.element_size()) / (med * 1e-3) / 1e9
                     measured.append(dict(meta, provider=name, objective=objective, mode=mode, N=n, C=CHANNELS,
                                          H=hw, W=hw, dtype=str(dtype).removeprefix("torch."),
@@ -212,10 +228,13 @@ def main(argv=None) -> int:
         print("bench_kernels: stopped before the first shape was measured")
         return 1
     summary = summarize(rows, copy_bw)
+    if failures:
+        summary += f"\n{len(failures)} measurements failed (no row written for them):\n" + \
+            "".join(f"- {f[:300]}\n" for f in failures)
     (args.out / f"kernels-summary-{card_slug(gpu)}.md").write_text(summary)
     print(summary)
     plot(rows, args.out, card_slug(gpu))
-    return 0
+    return 1 if failures else 0
 
 
 def summarize(rows, copy_bw: float) -> str:
@@ -230,10 +249,12 @@ def summarize(rows, copy_bw: float) -> str:
              "|---|---|---|---|"]
     for objective, dtype in sorted({k[:2] for k in keys}):
         ks = [k for k in keys if k[:2] == (objective, dtype)]
-        se = [full[k + ("eager",)] / full[k + ("triton",)] for k in ks]
-        sc = [full[k + ("compile",)] / full[k + ("triton",)] for k in ks]
-        lines.append(f"| {objective} | {dtype} | {statistics.median(se):.2f}x ({min(se):.2f}x) | "
-                     f"{statistics.median(sc):.2f}x ({min(sc):.2f}x) |")
+        cells = []
+        for other in ("eager", "compile"):  # over the shapes where both were measured
+            ratios = [full[k + (other,)] / full[k + ("triton",)] for k in ks
+                      if k + (other,) in full and k + ("triton",) in full]
+            cells.append(f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}x)" if ratios else "not measured")
+        lines.append(f"| {objective} | {dtype} | {cells[0]} | {cells[1]} |")
     big = [r for r in rows if r["mode"] == "full" and r["provider"] == "triton" and r["N"] == 64 and r["H"] == 128]
     if big:
         lines += ["", "Full mode at N=64, 1024 px (C=16, H=W=128), fraction of copy bandwidth (minimal bytes):"]

@@ -54,3 +54,32 @@ def test_the_sweep_measures_the_default_objective_in_bf16_first():
     assert {s[2] for s in shapes[:8]} == {64, 128} and (("gpo", torch.bfloat16, 128, 64) in shapes[:8])
     assert {s[:2] for s in shapes[8:16]} == {("gpo", torch.float32)}
     assert bench.sweep(quick=True) == [("gpo", torch.bfloat16, 64, n) for n in (8, 16, 32, 64)]
+
+
+def test_the_summary_survives_a_provider_that_failed():
+    rows = [r for r in _rows() if not (r["provider"] == "compile" and r["N"] == 8)]
+    text = bench.summarize(rows, copy_bw=3000.0)
+    assert "| gpo | bfloat16 | 6.50x (5.00x) | 1.00x (1.00x) |" in text  # compile: only N=64 left
+    text = bench.summarize([r for r in _rows() if r["provider"] != "compile"], copy_bw=3000.0)
+    assert "| gpo | bfloat16 | 6.50x (5.00x) | not measured |" in text
+
+
+def test_the_compiled_baseline_allows_the_backward_only_mode():
+    """measure() times `loss.backward(retain_graph=True)`; torch.compile's donated buffers (torch >= 2.6)
+    refuse that unless configure_compile() turned them off. Same sequence as measure(), on the CPU."""
+    import torch
+
+    bench.configure_compile()
+    fn = bench.make_providers("gpo")["compile"]
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(8, 16, 8, 8, generator=g).bfloat16()
+    pred = (target + 0.1 * torch.randn(8, 16, 8, 8, generator=g).bfloat16()).requires_grad_(True)
+    ref = target + 0.1 * torch.randn(8, 16, 8, 8, generator=g).bfloat16()
+    rewards = torch.randn(8, generator=g)
+    fn(pred, ref, target, rewards)  # the forward-only mode runs first
+    loss = fn(pred, ref, target, rewards)
+    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)
+    eager = bench.make_providers("gpo")["eager"](pred, ref, target, rewards)
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+    assert pred.grad is not None and torch.isfinite(pred.grad).all()
