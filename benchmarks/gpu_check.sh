@@ -13,8 +13,8 @@
 # Writes gpu_check.log, kernels.csv, step.csv, rollout.csv, the plots and the summary to $OUT when set, else to
 # benchmarks/results/. Commit what it wrote under benchmarks/results/ (the files carry the card's name).
 #
-# Packages the image lacks travel as wheels in .whl/ (carry it: see the device README); they are installed
-# to /tmp/site when present. The step benchmark needs diffusers, bitsandbytes and pydantic (gpo_fast.config;
+# Packages the image lacks travel as wheels in .whl/ (benchmarks/fetch_wheels.sh downloads them; carry .whl in
+# the device call); they are installed to /tmp/site when present. The step benchmark needs diffusers, bitsandbytes and pydantic (gpo_fast.config;
 # with pydantic-core built for the device's Python, annotated-types, typing-inspection and
 # typing-extensions >= 4.14, which pydantic needs and --no-deps does not check), the rollout benchmark
 # diffusers; without them those steps fail with an ImportError in the log and the status is 1.
