@@ -84,27 +84,14 @@ def train_cmd(
         _fail(f"{run_dir} already holds a finished run; choose another --out (nothing was changed)")
     if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         _fail(f"{run_dir} holds an unfinished run; continue it with --resume {run_dir} or choose another --out")
-    import torch
+    from gpo_fast.config import smaller_vram
 
-    try:
-        _run_training(config)
-    except _user_errors() as e:
-        if debug:
-            raise
-        _fail(str(e))
-    except torch.cuda.OutOfMemoryError:
-        if debug:
-            raise
-        from gpo_fast.config import smaller_vram
-
-        nxt = smaller_vram(vram)
-        hint = (f"try --vram {nxt}" if nxt else "lower train.micro_batch, rollout.batch_size or model.resolution")
-        _fail(f"the GPU ran out of memory; {hint} (checkpoints already written in {config.out} are intact)")
+    nxt = smaller_vram(vram)
+    hint = f"try --vram {nxt}" if nxt else "lower train.micro_batch, rollout.batch_size or model.resolution"
+    _train_or_fail(config, debug, f"{hint} (checkpoints already written in {config.out} are intact)")
 
 
 def _resume(resume: str, set_: list[str], debug: bool) -> None:
-    import torch
-
     from gpo_fast.checkpoint import CheckpointError, latest_intact, list_checkpoints
     from gpo_fast.config import RESUME_HARMLESS, ConfigError, load_config, resume_conflicts
 
@@ -141,8 +128,16 @@ def _resume(resume: str, set_: list[str], debug: bool) -> None:
     if checkpoint is None:
         _fail(f"every checkpoint in {run_dir / 'checkpoints'} is damaged (moved aside as damaged-rollout-N), so "
               "the run cannot continue; start it again with a new --out")
+    _train_or_fail(config, debug, f"the checkpoints in {run_dir} are intact (try a smaller --vram preset)",
+                   resume=checkpoint)
+
+
+def _train_or_fail(config, debug: bool, oom_hint: str, resume=None) -> None:
+    """Run the training; bad input and running out of GPU memory end in one sentence (--debug: the traceback)."""
+    import torch
+
     try:
-        _run_training(config, resume=checkpoint)
+        _run_training(config, resume=resume)
     except _user_errors() as e:
         if debug:
             raise
@@ -150,7 +145,7 @@ def _resume(resume: str, set_: list[str], debug: bool) -> None:
     except torch.cuda.OutOfMemoryError:
         if debug:
             raise
-        _fail(f"the GPU ran out of memory; the checkpoints in {run_dir} are intact (try a smaller --vram preset)")
+        _fail(f"the GPU ran out of memory; {oom_hint}")
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

@@ -93,7 +93,7 @@ def test_out_of_memory_names_the_next_smaller_preset(vram, nxt, monkeypatch, tmp
 
     from gpo_fast import cli
 
-    def oom(config):
+    def oom(config, resume=None):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(cli, "_run_training", oom)
