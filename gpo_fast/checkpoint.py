@@ -148,6 +148,10 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 class DamagedCheckpoint(CheckpointError):
     """A checkpoint whose files are missing, unparseable or fail their checksums (not a passing I/O error)."""
 
+    def __init__(self, path: Path, what: str):
+        self.what = f"checkpoint {path} is corrupted ({what})"
+        super().__init__(f"{self.what}; delete it to resume from the one before")
+
 
 _verified: dict = {}  # path -> the files' (size, mtime) when they last passed their checksums in this process
 
@@ -168,12 +172,10 @@ def verify_checkpoint(path: Path) -> None:
             manifest = json.loads((path / "manifest.json").read_text())
             digests = dict(manifest["sha256"])
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise DamagedCheckpoint(f"checkpoint {path} is corrupted (manifest.json: {type(e).__name__}); "
-                                    "delete it to resume from the one before") from None
+            raise DamagedCheckpoint(path, f"manifest.json: {type(e).__name__}") from None
         for name, digest in digests.items():
             if not (path / name).is_file() or _sha256(path / name) != digest:
-                raise DamagedCheckpoint(f"checkpoint {path} is corrupted ({name} does not match its checksum); "
-                                        "delete it to resume from the one before")
+                raise DamagedCheckpoint(path, f"{name} does not match its checksum")
     except OSError as e:
         raise CheckpointError(f"checkpoint {path} cannot be read ({e.strerror or e}); fix the folder's access "
                               "and resume again") from None
@@ -195,9 +197,9 @@ def latest_intact(run_dir: Path, move_aside: bool = True) -> tuple[Path | None, 
                 if aside.exists():
                     shutil.rmtree(aside)
                 os.replace(path, aside)
-                skipped.append(f"{str(e).split(';')[0]}; moved aside to {aside.name}")
+                skipped.append(f"{e.what}; moved aside to {aside.name}")
             else:
-                skipped.append(str(e).split(";")[0])
+                skipped.append(e.what)
             continue
         except CheckpointError:
             if not move_aside and not path.exists():  # the main process moved it aside meanwhile
