@@ -143,6 +143,10 @@ def gpo_update(model: DiffusionModel, x0, prompts: list[str], rewards, config: C
             "implicit_acc": implicit_reward_accuracy(d, rewards, r.group_size)}
 
 
+# the loop's guard counters, carried in checkpoints so that a resumed run counts on
+COUNTERS = ("skipped_updates", "bad_updates_in_a_row", "degenerate_streak")
+
+
 def degenerate_fraction(rewards: torch.Tensor, group_size: int, min_std: float) -> float:
     """Fraction of groups without loss: all finite rewards equal (or fewer than two finite)."""
     return (~standardize_rewards(rewards, group_size, min_std=min_std)[1]).float().mean().item()
@@ -231,7 +235,8 @@ def train(config: Config, log=print, progress=None, on_update=None, resume: Path
     rnd = first - 1
     skipped = bad_in_a_row = degenerate_streak = 0
     if resume is not None:  # a resumed run goes on counting
-        skipped, bad_in_a_row, degenerate_streak = (ck.get("counters") or {}).get("values", (0, 0, 0))
+        counters = ck.get("counters", {})
+        skipped, bad_in_a_row, degenerate_streak = (counters.get(k, 0) for k in COUNTERS)
         if main and ev.every and best is None:  # validation switched on at the resume: start from here
             best = _snapshot(model, ck["rollout"], evaluate(select_seed)[0]["accuracy"])
     for rnd in range(first, config.train.rollouts + 1):
@@ -324,7 +329,7 @@ def train(config: Config, log=print, progress=None, on_update=None, resume: Path
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(gen),
                     "before": before, "before_images": before_images, "best": best,
                     "config": config.model_dump(mode="json"),
-                    "counters": {"values": [skipped, bad_in_a_row, degenerate_streak]},
+                    "counters": dict(zip(COUNTERS, (skipped, bad_in_a_row, degenerate_streak))),
                 }, keep=config.train.keep_checkpoints)
         over = main and bool(config.train.time_budget_s) and time.time() - start > config.train.time_budget_s
         if dist.sum(torch.tensor(float(over))) > 0:  # every process stops after the same rollout
