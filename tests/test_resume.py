@@ -27,6 +27,17 @@ def _rows(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "step_seconds"} for r in rows]
 
 
+def _gpo_fast(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([GPO_FAST, *args], capture_output=True, text=True, env=ENV, **kw)
+
+
+def _stopped_run(run: Path, *sets: str) -> None:
+    """A finished toy run made to look stopped after its last checkpoint (summary.json removed)."""
+    done = _gpo_fast("train", *ARGS, *(f"--set={kv}" for kv in sets), "--out", str(run))
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run / "summary.json").unlink()
+
+
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     full = subprocess.run([GPO_FAST, "train", *ARGS, "--out", str(tmp_path / "full")], capture_output=True,
                           text=True, env=ENV)
@@ -97,12 +108,8 @@ def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path):
 
 def test_resume_refuses_a_change_of_the_math_and_names_the_key(tmp_path):
     run = tmp_path / "run"
-    out = subprocess.run([GPO_FAST, "train", *ARGS, "--set=train.rollouts=2", "--set=eval.every=0",
-                          "--set=train.checkpoint_every=1", "--out", str(run)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    (run / "summary.json").unlink()  # pretend it stopped after its checkpoint
-    refused = subprocess.run([GPO_FAST, "train", "--resume", str(run), "--set", "train.lr=0.5"], capture_output=True,
-                             text=True)
+    _stopped_run(run, "train.rollouts=2", "eval.every=0")
+    refused = _gpo_fast("train", "--resume", str(run), "--set", "train.lr=0.5")
     assert refused.returncode == 2 and "train.lr" in refused.stderr and "Traceback" not in refused.stderr
 
 
@@ -147,15 +154,12 @@ def _corrupt(checkpoint: Path) -> None:
 
 def test_resume_passes_over_a_damaged_latest_checkpoint_and_still_ends_exactly(tmp_path):
     run = tmp_path / "run"
-    args = [*ARGS, "--set=train.rollouts=4", "--set=eval.every=0", "--set=train.keep_checkpoints=2"]
-    done = subprocess.run([GPO_FAST, "train", *args, "--out", str(run)], capture_output=True, text=True, env=ENV)
-    assert done.returncode == 0, done.stderr[-2000:]
+    _stopped_run(run, "train.rollouts=4", "eval.every=0", "train.keep_checkpoints=2")  # stopped after rollout 3
     adapter = run / "adapter" / "pytorch_lora_weights.safetensors"
     uninterrupted, rows = load_file(str(adapter)), _rows(run)
     assert [p.name for p in list_checkpoints(run)] == ["rollout-000002", "rollout-000003"]
-    (run / "summary.json").unlink()  # as if it had been killed after rollout 3's checkpoint
     _corrupt(run / "checkpoints" / "rollout-000003")
-    resumed = subprocess.run([GPO_FAST, "train", "--resume", str(run)], capture_output=True, text=True, env=ENV)
+    resumed = _gpo_fast("train", "--resume", str(run))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "rollout-000003 is corrupted" in resumed.stderr and "passing over it" in resumed.stderr
     assert (run / "checkpoints" / "damaged-rollout-000003").is_dir()  # kept for a look, out of the keep count
@@ -167,13 +171,10 @@ def test_resume_passes_over_a_damaged_latest_checkpoint_and_still_ends_exactly(t
 
 def test_resume_with_every_checkpoint_damaged_says_so(tmp_path):
     run = tmp_path / "run"
-    args = [*ARGS, "--set=train.rollouts=3", "--set=eval.every=0"]
-    done = subprocess.run([GPO_FAST, "train", *args, "--out", str(run)], capture_output=True, text=True, env=ENV)
-    assert done.returncode == 0, done.stderr[-2000:]
-    (run / "summary.json").unlink()
+    _stopped_run(run, "train.rollouts=3", "eval.every=0")
     for checkpoint in list_checkpoints(run):
         _corrupt(checkpoint)
-    refused = subprocess.run([GPO_FAST, "train", "--resume", str(run)], capture_output=True, text=True, env=ENV)
+    refused = _gpo_fast("train", "--resume", str(run))
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "every checkpoint" in refused.stderr and "damaged" in refused.stderr
     assert list_checkpoints(run) == []  # both moved aside, nothing deleted:
@@ -186,15 +187,12 @@ def test_a_config_edited_by_hand_since_the_checkpoint_is_refused(tmp_path):
     import re
 
     run = tmp_path / "run"
-    args = [*ARGS, "--set=train.rollouts=2", "--set=eval.every=0"]
-    done = subprocess.run([GPO_FAST, "train", *args, "--out", str(run)], capture_output=True, text=True, env=ENV)
-    assert done.returncode == 0, done.stderr[-2000:]
-    (run / "summary.json").unlink()
+    _stopped_run(run, "train.rollouts=2", "eval.every=0")
     toml = (run / "config.toml").read_text()
     edited = re.sub(r"(?m)^beta = .*$", "beta = 123.0", toml)
     assert edited != toml
     (run / "config.toml").write_text(edited)
-    refused = subprocess.run([GPO_FAST, "train", "--resume", str(run)], capture_output=True, text=True, env=ENV)
+    refused = _gpo_fast("train", "--resume", str(run))
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "train.beta" in refused.stderr and "rollout-000001" in refused.stderr.replace("\n", "")
     assert (run / "config.toml").read_text() == edited  # nothing was rewritten
@@ -212,12 +210,8 @@ def test_train_rollouts_changes_the_math_only_under_the_cosine_schedule():
 def test_validation_switched_on_at_a_resume(tmp_path):
     """eval.every may change on resume, also from 0 (no best snapshot in the checkpoint) to validating."""
     run = tmp_path / "run"
-    args = [*ARGS, "--set=train.rollouts=3", "--set=eval.every=0"]
-    done = subprocess.run([GPO_FAST, "train", *args, "--out", str(run)], capture_output=True, text=True, env=ENV)
-    assert done.returncode == 0, done.stderr[-2000:]
-    (run / "summary.json").unlink()
-    resumed = subprocess.run([GPO_FAST, "train", "--resume", str(run), "--set", "eval.every=1"],
-                             capture_output=True, text=True, env=ENV)
+    _stopped_run(run, "train.rollouts=3", "eval.every=0")
+    resumed = _gpo_fast("train", "--resume", str(run), "--set", "eval.every=1")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((run / "summary.json").read_text())["best_rollout"] in (2, 3)
 
@@ -230,6 +224,6 @@ def test_resume_latest_skips_finished_runs_and_half_written_checkpoints(tmp_path
     half = tmp_path / "runs" / "killed" / "checkpoints" / ".tmp-rollout-000001"  # killed before the rename
     half.mkdir(parents=True)
     (half / "manifest.json").write_text("{}")
-    out = subprocess.run([GPO_FAST, "train", "--resume", "latest"], capture_output=True, text=True, cwd=tmp_path)
+    out = _gpo_fast("train", "--resume", "latest", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "no unfinished run with a checkpoint" in out.stderr
