@@ -74,6 +74,9 @@ def _kernels() -> Check:
             return Check("kernels", None, "triton absent: the loss runs the PyTorch reference")
         import triton
 
+        problem = kernels.interpreter_problem()
+        if problem:  # the tests would fail inside the interpreter
+            return Check("kernels", False, problem, kernels.INTERPRETER_FIX)
         if kernels.INTERPRETED:  # set before gpo_fast.kernels was imported: interpreted on any device
             return Check("kernels", None, f"triton {triton.__version__}, TRITON_INTERPRET=1: the kernels run "
                                           "interpreted (tests only: slow)",

@@ -25,7 +25,30 @@ except ImportError:  # pragma: no cover - depends on the platform
     TRITON_AVAILABLE = False
     INTERPRETED = False
 
-__all__ = ["gpo_loss", "sample_mse", "uses_triton", "OBJECTIVES", "DEFAULT_EPS_STD", "DEFAULT_MIN_STD"]
+__all__ = ["gpo_loss", "sample_mse", "uses_triton", "interpreter_problem", "INTERPRETER_FIX", "OBJECTIVES",
+           "DEFAULT_EPS_STD", "DEFAULT_MIN_STD"]
+
+
+INTERPRETER_FIX = "install 'numpy<2.4', or Triton 3.7 or later, in this environment"
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run these kernels here, or None (what to do: INTERPRETER_FIX).
+
+    Before Triton 3.7 the interpreter turns a scalar kernel argument into a Python int with int() of a
+    one-element array, which numpy 2.4 and later refuse ("only 0-dimensional arrays can be converted to
+    Python scalars"): every kernel that loops up to a runtime size fails. Seen with torch 2.11, whose
+    wheels pin triton 3.6. Native compilation on a GPU is not affected."""
+    if not (TRITON_AVAILABLE and INTERPRETED):
+        return None
+    import numpy
+    import triton
+    from packaging.version import Version  # a dependency of transformers, bitsandbytes and pytest
+
+    if Version(triton.__version__).release[:2] < (3, 7) and Version(numpy.__version__).release[:2] >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) cannot run with numpy "
+                f"{numpy.__version__}")
+    return None
 
 
 def uses_triton(t: torch.Tensor) -> bool:

@@ -93,3 +93,12 @@ def test_render_is_one_line_per_check(monkeypatch):
     lines = doctor.render(results).splitlines()
     assert len(lines) == len(results)
     assert all(line.split()[1] == c.name for line, c in zip(lines, results))
+
+
+def test_an_interpreter_that_cannot_run_the_kernels_is_a_failing_line(monkeypatch):
+    from gpo_fast import kernels
+
+    monkeypatch.setattr(kernels, "interpreter_problem",
+                        lambda: "Triton 3.6.0's interpreter (TRITON_INTERPRET=1) cannot run with numpy 2.5.2")
+    line = doctor._kernels()
+    assert line.ok is False and "numpy 2.5.2" in line.detail and line.fix == kernels.INTERPRETER_FIX

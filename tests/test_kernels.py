@@ -339,3 +339,46 @@ def test_a_nan_reward_excludes_its_member(kernel_device, objective):
     (s_loss, s_grad), _ = _both(smaller, group_size=4, beta=4.0, objective=objective)
     torch.testing.assert_close(k_loss, s_loss, **TOL[torch.float32]["loss"])
     torch.testing.assert_close(k_grad[kept.to(kernel_device)], s_grad, **TOL[torch.float32]["grad"])
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, refused", [
+    ("3.6.0", "2.4.0", True), ("3.6.0", "2.5.2", True), ("3.0.0+git1", "2.4.1", True),
+    ("3.6.0", "2.3.5", False), ("3.7.0", "2.5.2", False), ("3.8.0", "2.4.6", False)])
+def test_interpreter_problem_names_old_triton_with_new_numpy(monkeypatch, triton_version, numpy_version, refused):
+    """Triton < 3.7's interpreter calls int() on one-element arrays, which numpy >= 2.4 refuses (seen with torch
+    2.11's triton 3.6 and numpy 2.5.2: 73 of the parity tests failed inside the interpreter)."""
+    import numpy
+    import triton
+
+    monkeypatch.setattr(kernels, "INTERPRETED", True)
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    problem = kernels.interpreter_problem()
+    if refused:
+        assert f"Triton {triton_version}" in problem and f"numpy {numpy_version}" in problem
+    else:
+        assert problem is None
+    monkeypatch.setattr(kernels, "INTERPRETED", False)  # compiled natively: never a problem
+    assert kernels.interpreter_problem() is None
+
+
+def test_pytest_stops_with_one_sentence_where_the_interpreter_cannot_run(tmp_path):
+    """The whole suite, run where the interpreter cannot work, stops before any test with what to do."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the kernels compile natively and the interpreter is not used")
+    (tmp_path / "sitecustomize.py").write_text(  # this machine's numpy and triton, claiming the bad pair
+        "import numpy, triton\nnumpy.__version__ = '2.5.2'\ntriton.__version__ = '3.6.0'\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    tests = Path(__file__).resolve().parent
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                          str(tests / "test_objective.py")], env=env, capture_output=True, text=True,
+                         cwd=tests.parent)
+    assert out.returncode == 4, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "Triton 3.6.0's interpreter (TRITON_INTERPRET=1) cannot run with numpy 2.5.2" in out.stderr
+    assert kernels.INTERPRETER_FIX in out.stderr and "Traceback" not in out.stderr + out.stdout
+    assert "passed" not in out.stdout  # no test ran
