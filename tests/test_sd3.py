@@ -86,7 +86,8 @@ def test_two_gpo_steps_then_the_pipeline_loads_the_adapter_and_draws_the_same(ti
     monkeypatch.setattr(train_module, "build_reward", lambda config, device: _BrightnessReward())
     cfg = load_config(preset="sd35m-counting", overrides=[
         f'model.path="{tiny_sd3}"', f"model.resolution={IMAGE_SIZE}", 'model.t5="off"', f'out="{tmp_path / "run"}"',
-        "lora.rank=4", "lora.alpha=8.0",  # alpha != rank: the file must carry it "rollout.prompts=2", "rollout.group_size=4", "rollout.steps=2",
+        "lora.rank=4", "lora.alpha=8.0",  # alpha != rank: the file must carry it
+        "rollout.prompts=2", "rollout.group_size=4", "rollout.steps=2",
         "rollout.batch_size=4", "train.rollouts=1", "train.inner_updates=2", "train.lr=0.01", "train.warmup_updates=0",
         "train.micro_batch=4", 'train.optimizer="adamw"', "eval.samples=10", "eval.steps=2", "eval.every=0",
     ])
