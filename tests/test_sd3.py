@@ -108,6 +108,82 @@ def test_two_gpo_steps_then_the_pipeline_loads_the_adapter_and_draws_the_same(ti
     torch.testing.assert_close(tuned, ours, rtol=1e-4, atol=1e-5)  # ... into the trainer's policy's
 
 
+def _quantize_nf4(module):
+    """Every nn.Linear as a bitsandbytes nf4 Linear4bit with the same weights, on the CPU: the layers diffusers'
+    BitsAndBytesConfig(load_in_4bit, nf4) loads on a GPU (diffusers refuses to quantize without one)."""
+    import bitsandbytes as bnb
+
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.Linear):
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=torch.float32, quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4")
+            if child.bias is not None:
+                q.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
+            setattr(module, name, q.to("cpu"))  # quantizes the weight
+        else:
+            _quantize_nf4(child)
+
+
+def test_lora_on_an_nf4_base_trains_only_the_adapter(tiny_sd3, tmp_path):
+    """The QLoRA route (model.quantize = "nf4", bench_step's nf4 rows) on the CPU: LoRA on 4-bit layers, gradient
+    checkpointing, gpo_update and 8-bit AdamW move the adapter alone; the reference stays the quantized base, bit
+    for bit; the adapter file loads onto a fresh nf4 base and gives the trained policy."""
+    import bitsandbytes as bnb
+
+    from gpo_fast.config import load_config
+    from gpo_fast.models.sd3 import SD3_LORA_TARGETS
+    from gpo_fast.train import gpo_update, make_optimizer
+
+    def nf4_model():
+        m = SD3Model.from_pretrained(str(tiny_sd3), resolution=IMAGE_SIZE, t5="off")
+        _quantize_nf4(m.transformer)
+        return m
+
+    def weights_4bit(m):  # in module order, which peft's wrapping (`x.base_layer`) keeps
+        return [q.weight.data.clone() for q in m.transformer.modules() if isinstance(q, bnb.nn.Linear4bit)]
+
+    model = nf4_model()
+    quantized = weights_4bit(model)
+    assert len(quantized) > 20 and all(w.dtype == torch.uint8 for w in quantized)
+    cfg = load_config(preset="sd35m-counting", overrides=["rollout.group_size=4", "rollout.prompts=1",
+                                                          "rollout.steps=2", "train.lr=0.01"])
+    assert cfg.train.optimizer == "adamw8bit"
+    x0 = torch.randn((4, *model.latent_shape), generator=torch.Generator().manual_seed(1))
+    probe = (x0, torch.full((4,), 0.5), model.encode_prompts([PROMPT] * 4))
+    with torch.no_grad():
+        base = model.predict(*probe)
+    model.add_lora(4, 8.0, SD3_LORA_TARGETS)
+    model.transformer.enable_gradient_checkpointing()
+    model.train()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
+    opt = make_optimizer(model.trainable_parameters(), cfg.train)
+    assert isinstance(opt, bnb.optim.AdamW8bit)
+    gen, losses = torch.Generator().manual_seed(2), []
+    for _ in range(3):
+        losses.append(gpo_update(model, x0, [PROMPT] * 4, torch.arange(4.0), cfg, gen)["loss"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert abs(losses[0] - 0.6931472) < 1e-5 and losses[-1] < losses[0]  # B = 0 at first, then it learns
+    model.eval()
+    with torch.no_grad():
+        policy = model.predict(*probe)
+        with model.reference() as ref:
+            reference = ref.predict(*probe)
+    assert torch.equal(reference, base)  # the frozen 4-bit base, untouched
+    assert (policy - base).abs().max() > 1e-4
+    after = weights_4bit(model)
+    assert len(after) == len(quantized) and all(torch.equal(a, b) for a, b in zip(after, quantized))
+    model.save_adapter(tmp_path)
+    fresh = nf4_model()
+    fresh.load_adapter(tmp_path)
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.predict(*probe), policy, rtol=1e-5, atol=1e-6)
+
+
 def test_a_model_path_that_does_not_exist_is_one_sentence():
     with pytest.raises(ModelLoadError, match="does not exist"):
         SD3Model.from_pretrained("/nowhere/sd3", t5="off")
