@@ -1,6 +1,6 @@
 """Kernel benchmark: the fused Triton GPO loss against eager PyTorch and torch.compile (GPU only).
 
-What one provider does in the timed region (shared/notes/benchmarks.md):
+What one provider does in the timed region (docs/benchmarks.md):
     f = per-sample error of the reference prediction      (no grad)
     loss = GPO loss of the policy prediction against f     (forward)
     loss.backward()                                        (backward)

@@ -1,5 +1,5 @@
 """Rollout throughput: images/s for one group at 512 px, 10 steps, CFG 4.5, gpo-fast's sampler against
-`StableDiffusion3Pipeline.__call__` on the same model (shared/notes/benchmarks.md).
+`StableDiffusion3Pipeline.__call__` on the same model (docs/benchmarks.md).
 
     ours      gpo_fast.sampling on an SD3Model, under bf16 autocast as the trainer runs it: `sample` for
               latents, `rollout` (sample + SD3Model.decode) for images

@@ -1,7 +1,7 @@
 """One GPO update of the SD3.5-Medium transformer (random weights, built from its config): gpo-fast's step
-against the straightforward eager step, in the same run (shared/notes/benchmarks.md, "Step benchmark").
+against the straightforward eager step, in the same run (docs/benchmarks.md, "bench_step.py").
 
-    ours   gpo_fast.train.gpo_update: reference errors under no_grad with the adapter disabled and the
+    ours   gpo_fast.update.gpo_update: reference errors under no_grad with the adapter disabled and the
            reference prediction freed at once, the policy pass with gradient checkpointing, the fused
            loss, group-exact micro-batching (`--micro-batch`), bitsandbytes 8-bit AdamW
     eager  what a first trainer writes: the reference prediction kept beside the policy's, per-sample
@@ -165,18 +165,16 @@ def make_model(cfg: dict, base: str, device, dtype, tokens: int):
 def eager_step(model, x0, prompts, rewards, cfg, gen, opt):
     """The straightforward step: both predictions alive at once, float32 torch math, no checkpointing."""
     from gpo_fast.objective import loss_from_errors
-    from gpo_fast.train import group_noise
+    from gpo_fast.update import group_noise, loss_spec
 
-    t, r = cfg.train, cfg.rollout
-    x_s, u, s = group_noise(x0, r.group_size, t, model.schedule(r.steps), gen)
+    x_s, u, s = group_noise(x0, cfg.rollout.group_size, cfg.train, model.schedule(cfg.rollout.steps), gen)
     embeds = model.encode_prompts(prompts)
     with torch.no_grad(), model.reference() as ref:
         ref_pred = ref.predict(x_s, s, embeds)
     pred = model.predict(x_s, s, embeds)
     e = ((pred.float() - u.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))
     f = ((ref_pred.float() - u.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))
-    loss = loss_from_errors(e, f, rewards, group_size=r.group_size, beta=t.beta, objective=t.objective,
-                            eps_std=t.eps_std, min_std=t.min_std)
+    loss = loss_from_errors(e, f, rewards, loss_spec(cfg))
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -184,7 +182,7 @@ def eager_step(model, x0, prompts, rewards, cfg, gen, opt):
 
 
 def ours_step(model, x0, prompts, rewards, cfg, gen, opt):
-    from gpo_fast.train import gpo_update
+    from gpo_fast.update import gpo_update
 
     stats = gpo_update(model, x0, prompts, rewards, cfg, gen)
     opt.step()
@@ -194,7 +192,7 @@ def ours_step(model, x0, prompts, rewards, cfg, gen, opt):
 
 def run_one(impl: str, resolution: int, g: int, base: str, train: str, args, device, dtype, tiny: bool) -> dict:
     from gpo_fast.config import load_config
-    from gpo_fast.train import make_optimizer
+    from gpo_fast.update import make_optimizer
 
     ours = impl == "ours"
     cfg = load_config(preset="sd35m-counting", overrides=[

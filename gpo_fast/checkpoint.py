@@ -25,10 +25,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from gpo_fast.errors import UserError
+
 PREFIX = "rollout-"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint or run folder that cannot be resumed; the message says what to do."""
 
 

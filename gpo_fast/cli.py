@@ -1,4 +1,8 @@
-"""The `gpo-fast` command line (Typer). Thin: each command parses, validates and calls the library."""
+"""The `gpo-fast` command line (Typer). Thin: each command parses, validates and calls one library function.
+
+Bad input anywhere below ends as a gpo_fast.errors.UserError; `_Command` turns it into one sentence on
+stderr and exit code 2 (with --debug, the traceback), for every command, in one place.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,22 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand
+
+
+class _Command(TyperCommand):
+    """A command whose UserError (gpo_fast.errors) is one sentence and exit code 2, unless --debug."""
+
+    def invoke(self, ctx):
+        from gpo_fast.errors import UserError
+
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            if ctx.params.get("debug"):
+                raise
+            _fail(str(e))
+
 
 app = typer.Typer(
     name="gpo-fast",
@@ -35,7 +55,7 @@ def _root(
     """Group Preference Optimization for text-to-image diffusion models, on one GPU."""
 
 
-@app.command("train")
+@app.command("train", cls=_Command)
 def train_cmd(
     config_file: Optional[Path] = typer.Argument(None, metavar="[CONFIG]",
                                                  help="A TOML config; its keys override the preset's."),
@@ -62,12 +82,10 @@ def train_cmd(
     the gain and its 95% interval; writes config.toml, metrics.jsonl, TensorBoard events, the adapter
     (diffusers LoRA format), before_after.png, reward_curve.png and summary.json to the run folder.
     """
-    from gpo_fast.config import ConfigError, load_config
-
-    from gpo_fast.config import VRAM_PRESETS
+    from gpo_fast.config import VRAM_PRESETS, load_config, smaller_vram
 
     if resume is not None:
-        return _resume(resume, list(set_), debug)
+        return _resume(resume, list(set_))
     if vram is not None and vram not in VRAM_PRESETS:
         _fail(f"--vram {vram} is not a preset; choose one of {', '.join(map(str, sorted(VRAM_PRESETS)))}")
     overrides = [*(VRAM_PRESETS[vram] if vram else []), *set_]
@@ -75,25 +93,20 @@ def train_cmd(
         overrides.append(f"out={json.dumps(str(out))}")
     if seed is not None:
         overrides.append(f"seed={seed}")
-    try:
-        config = load_config(config_file, preset, overrides)
-    except ConfigError as e:
-        _fail(str(e))
+    config = load_config(config_file, preset, overrides)
     run_dir = Path(config.out)
     if (run_dir / "summary.json").exists():
         _fail(f"{run_dir} already holds a finished run; choose another --out (nothing was changed)")
     if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         _fail(f"{run_dir} holds an unfinished run; continue it with --resume {run_dir} or choose another --out")
-    from gpo_fast.config import smaller_vram
-
     nxt = smaller_vram(vram)
     hint = f"try --vram {nxt}" if nxt else "lower train.micro_batch, rollout.batch_size or model.resolution"
-    _train_or_fail(config, debug, f"{hint} (checkpoints already written in {config.out} are intact)")
+    _run_training(config, f"{hint} (checkpoints already written in {config.out} are intact)")
 
 
-def _resume(resume: str, set_: list[str], debug: bool) -> None:
-    from gpo_fast.checkpoint import CheckpointError, latest_intact, list_checkpoints
-    from gpo_fast.config import RESUME_HARMLESS, ConfigError, load_config, resume_conflicts
+def _resume(resume: str, set_: list[str]) -> None:
+    from gpo_fast.checkpoint import latest_intact, list_checkpoints
+    from gpo_fast.config import RESUME_HARMLESS, load_config, resume_conflicts
 
     if resume == "latest":  # the unfinished run under runs/ whose newest checkpoint is the most recent
         runs = [r for r in Path("runs").glob("*") if list_checkpoints(r) and not (r / "summary.json").exists()]
@@ -107,11 +120,8 @@ def _resume(resume: str, set_: list[str], debug: bool) -> None:
               "wrote (its --out)")
     if (run_dir / "summary.json").exists():
         _fail(f"{run_dir} finished already (summary.json); there is nothing to resume")
-    try:
-        saved = load_config(run_dir / "config.toml")
-        config = load_config(run_dir / "config.toml", overrides=[*set_, f"out={json.dumps(str(run_dir))}"])
-    except ConfigError as e:
-        _fail(str(e))
+    saved = load_config(run_dir / "config.toml")
+    config = load_config(run_dir / "config.toml", overrides=[*set_, f"out={json.dumps(str(run_dir))}"])
     math = resume_conflicts(saved, config)
     if math:
         _fail(f"--resume {run_dir}: changing {', '.join(math)} would change the training's math; drop those --set "
@@ -119,48 +129,28 @@ def _resume(resume: str, set_: list[str], debug: bool) -> None:
     if not list_checkpoints(run_dir):
         _fail(f"{run_dir} has no checkpoint yet (one is written every train.checkpoint_every rollouts); "
               "start it again with a new --out")
-    try:
-        checkpoint, damaged = latest_intact(run_dir, move_aside=os.environ.get("RANK", "0") == "0")
-    except CheckpointError as e:
-        _fail(str(e))
+    checkpoint, damaged = latest_intact(run_dir, move_aside=os.environ.get("RANK", "0") == "0")
     for reason in damaged:
         typer.echo(f"warning: {reason}; passing over it to the checkpoint before", err=True)
     if checkpoint is None:
         _fail(f"every checkpoint in {run_dir / 'checkpoints'} is damaged (moved aside as damaged-rollout-N), so "
               "the run cannot continue; start it again with a new --out")
-    _train_or_fail(config, debug, f"the checkpoints in {run_dir} are intact (try a smaller --vram preset)",
-                   resume=checkpoint)
+    _run_training(config, f"the checkpoints in {run_dir} are intact (try a smaller --vram preset)", resume=checkpoint)
 
 
-def _train_or_fail(config, debug: bool, oom_hint: str, resume=None) -> None:
-    """Run the training; bad input and running out of GPU memory end in one sentence (--debug: the traceback)."""
+def _run_training(config, oom_hint: str, resume=None) -> None:
+    """Train with progress bars; running out of GPU memory is a UserError naming what to try."""
     import torch
 
+    from gpo_fast.errors import UserError
+
     try:
-        _run_training(config, resume=resume)
-    except _user_errors() as e:
-        if debug:
-            raise
-        _fail(str(e))
-    except torch.cuda.OutOfMemoryError:
-        if debug:
-            raise
-        _fail(f"the GPU ran out of memory; {oom_hint}")
+        _train_with_progress(config, resume)
+    except torch.cuda.OutOfMemoryError as e:
+        raise UserError(f"the GPU ran out of memory; {oom_hint}") from e
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors that mean bad input (a path, a prompt file, missing weights), answered in one sentence."""
-    from gpo_fast.models.sd3 import ModelLoadError
-    from gpo_fast.rewards.base import RewardEngineError
-
-    from gpo_fast.checkpoint import CheckpointError
-
-    from gpo_fast.train import TrainingDiverged
-
-    return FileNotFoundError, ValueError, ModelLoadError, RewardEngineError, CheckpointError, TrainingDiverged
-
-
-def _run_training(config, resume=None) -> None:
+def _train_with_progress(config, resume=None) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -187,22 +177,14 @@ def _run_training(config, resume=None) -> None:
     s = result.summary
     if not s:  # a process other than rank 0 under `accelerate launch`: rank 0 reports
         return
-    lo, hi = s["gain_ci95"]
+    from gpo_fast.report import describe_gain
+
     console.print(f"accuracy before {s['accuracy_before']:.3f}, after {s['accuracy_after']:.3f} "
-                  f"(strict counter, {s['eval_samples']} held-out samples): gain {s['gain'] * 100:+.1f} points, "
-                  f"95% CI [{lo * 100:+.1f}, {hi * 100:+.1f}]; {s['wall_seconds']:.0f} s. Run folder: {config.out}")
+                  f"({s['eval_samples']} held-out samples): {describe_gain(s)}; {s['wall_seconds']:.0f} s. "
+                  f"Run folder: {config.out}")
 
 
-def _load(config_file, preset, set_, extra=()) -> "object":
-    from gpo_fast.config import ConfigError, load_config
-
-    try:
-        return load_config(config_file, preset, [*set_, *extra])
-    except ConfigError as e:
-        _fail(str(e))
-
-
-@app.command("eval")
+@app.command("eval", cls=_Command)
 def eval_cmd(
     config_file: Optional[Path] = typer.Argument(None, metavar="[CONFIG]", help="A TOML config (e.g. a run's config.toml)."),
     preset: str = typer.Option("toy", help="Starting point: toy, sd35m-counting, sd35m-text."),
@@ -219,22 +201,18 @@ def eval_cmd(
     accuracies, the gain and its 95% interval; writes report.json, grid.png (base row, tuned row) and
     accuracy.png (a bar plot).
     """
-    from gpo_fast.evaluate import run_eval
+    from gpo_fast.tuned import run_eval
+    from gpo_fast.config import load_config
 
     extra = [f"eval.samples={samples}"] if samples else []
-    config = _load(config_file, preset, set_, extra)
+    config = load_config(config_file, preset, [*set_, *extra])
     if adapter is not None and not adapter.exists():
         _fail(f"--adapter {adapter} does not exist; pass a run folder of `gpo-fast train` or its adapter folder")
-    try:
-        run_eval(config, adapter, out, log=typer.echo)
-    except _user_errors() as e:
-        if debug:
-            raise
-        _fail(str(e))
+    run_eval(config, adapter, out, log=typer.echo)
     typer.echo(f"wrote {out / 'report.json'}")
 
 
-@app.command("sample")
+@app.command("sample", cls=_Command)
 def sample_cmd(
     prompt: list[str] = typer.Option(..., "--prompt", help="A prompt (repeatable)."),
     config_file: Optional[Path] = typer.Argument(None, metavar="[CONFIG]", help="A TOML config (e.g. a run's config.toml)."),
@@ -249,35 +227,14 @@ def sample_cmd(
     debug: bool = typer.Option(False, help="Show the full traceback of an error."),
 ) -> None:
     """Draw images from the base model, or from a trained adapter, into PNG files."""
-    import torch
-    from torchvision.utils import save_image
+    from gpo_fast.config import load_config
+    from gpo_fast.tuned import draw_to_files
 
-    from gpo_fast.components import build_model, resolve_device
-    from gpo_fast.evaluate import load_tuned
-    from gpo_fast.sampling import sample
-
-    config = _load(config_file, preset, set_)
+    config = load_config(config_file, preset, list(set_))
     if adapter is not None and not adapter.exists():
         _fail(f"--adapter {adapter} does not exist; pass a run folder of `gpo-fast train` or its adapter folder")
-    try:
-        model = build_model(config, resolve_device(config), trainable=False)
-        if adapter is not None:
-            load_tuned(model, adapter)
-        texts = [p for p in prompt for _ in range(n)]
-        with torch.no_grad():
-            images = model.decode(sample(model, texts, steps=steps or config.eval.steps,
-                                         cfg_scale=cfg or config.eval.cfg_scale,
-                                         generator=torch.Generator().manual_seed(seed),
-                                         batch_size=config.rollout.batch_size or len(texts))).float().cpu()
-    except _user_errors() as e:
-        if debug:
-            raise
-        _fail(str(e))
-    out.mkdir(parents=True, exist_ok=True)
-    for i, (text, img) in enumerate(zip(texts, images)):
-        slug = "".join(c if c.isalnum() else "-" for c in text.lower())[:40].strip("-") or "empty"
-        save_image((img + 1) / 2, out / f"{i:03d}-{slug}.png")
-    typer.echo(f"wrote {len(texts)} images to {out}")
+    written = draw_to_files(config, list(prompt), n, out, adapter=adapter, steps=steps, cfg_scale=cfg, seed=seed)
+    typer.echo(f"wrote {len(written)} images to {out}")
 
 
 @app.command("doctor")
@@ -291,7 +248,7 @@ def doctor_cmd(
     raise typer.Exit(main(detector=detector))
 
 
-@app.command("config")
+@app.command("config", cls=_Command)
 def config_cmd(
     config_file: Optional[Path] = typer.Argument(None, metavar="[CONFIG]", help="A TOML config to resolve."),
     preset: str = typer.Option("toy", help="The preset to start from: toy, sd35m-counting, sd35m-text."),
@@ -301,15 +258,12 @@ def config_cmd(
 
     Every key can be set in a TOML file passed to `gpo-fast train CONFIG` or with --set section.key=value.
     """
-    from gpo_fast.config import ConfigError, describe_config, load_config
+    from gpo_fast.config import describe_config, load_config
 
-    try:
-        typer.echo(describe_config(load_config(config_file, preset, list(set_))), nl=False)
-    except ConfigError as e:
-        _fail(str(e))
+    typer.echo(describe_config(load_config(config_file, preset, list(set_))), nl=False)
 
 
-@app.command("prompts")
+@app.command("prompts", cls=_Command)
 def prompts_cmd(
     kind: str = typer.Argument(..., metavar="counting|text", help="counting: 'a photo of {n} {objects}' over the "
                                "detector's classes; text: 'a sign that says \"{word}\"' over the shipped word list."),
@@ -339,8 +293,8 @@ def prompts_cmd(
     try:
         n_train, n_eval = make_prompt_set(kind, out, eval_fraction=eval_fraction, seed=seed, n_min=n_min, n_max=n_max,
                                           words_file=words)
-    except (OSError, ValueError) as e:
-        _fail(str(e))
+    except OSError as e:  # the file cannot be written
+        _fail(f"cannot write {out} ({e.strerror or e}); choose another --out")
     typer.echo(f"wrote {n_train} train and {n_eval} eval prompts to {out}")
 
 
@@ -355,7 +309,7 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-@toy_app.command("pretrain")
+@toy_app.command("pretrain", cls=_Command)
 def toy_pretrain(
     out: Path = typer.Option(..., "--out", help="Folder for model.safetensors and model.json (the manifest)."),
     steps: int = typer.Option(3000, min=1, help="Optimizer steps (batch 64: about 0.17 s each on 2 CPU cores)."),
@@ -372,44 +326,24 @@ def toy_pretrain(
     Writes the EMA weights (safetensors) and a manifest with their sha256, this command and the
     held-out counting accuracy it reached. The shipped base model was made this way.
     """
-    import hashlib
-    import json
     import sys
-    import time
 
-    import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from gpo_fast.evaluate import evaluate_toy
-    from gpo_fast.toy.pretrain import PretrainConfig, pretrain
+    from gpo_fast.toy.pretrain import PretrainConfig, pretrain_and_save
 
     if (out / "model.safetensors").exists() and not overwrite:
         _fail(f"{out / 'model.safetensors'} already exists; choose another --out or pass --overwrite")
     config = PretrainConfig(steps=steps, batch_size=batch_size, lr=lr, caption_noise=caption_noise, seed=seed)
-    start = time.time()
     with Progress(TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn()) as bar:
         task = bar.add_task("pretrain", total=steps, loss=float("nan"))
-        model, losses = pretrain(config, progress=lambda step, loss: bar.update(task, advance=1, loss=loss))
-    train_seconds = time.time() - start
-    typer.echo(f"evaluating on {eval_samples} held-out samples ...")
-    metrics, _ = evaluate_toy(model, n_samples=eval_samples)
-    manifest = {
-        "command": "gpo-fast " + " ".join(sys.argv[1:]),
-        "pretrain": vars(config),
-        "final_loss_mean_last_100": sum(losses[-100:]) / len(losses[-100:]),
-        "train_seconds": round(train_seconds, 1),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "eval": metrics,
-    }
-    weights = model.save_pretrained(out, manifest)
-    manifest["sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
-    meta = json.loads((out / "model.json").read_text())
-    meta.update(sha256=manifest["sha256"])
-    (out / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+        manifest = pretrain_and_save(config, out, eval_samples, command="gpo-fast " + " ".join(sys.argv[1:]),
+                                     progress=lambda step, loss: bar.update(task, advance=1, loss=loss),
+                                     log=typer.echo)
+    metrics = manifest["eval"]
     typer.echo(f"accuracy {metrics['accuracy']:.3f} +- {metrics['accuracy_stderr']:.3f} (strict counter), "
-               f"blank {metrics['blank_fraction']:.3f}; wrote {weights}")
+               f"blank {metrics['blank_fraction']:.3f}; wrote {out / 'model.safetensors'}")
 
 
 def main() -> None:

@@ -1,16 +1,21 @@
-"""What a config names, built: the model, the reward, the train and eval prompts.
+"""What a config names, built: the model, the reward and its prompts (the task), the evaluator.
 
-The one place that maps config values to classes, so the loop (train.py), `gpo-fast eval` and the
-benchmarks build the same things the same way. Heavy imports stay inside the functions.
+The one place that maps config values to classes, so the loop (train.py), `gpo-fast eval` (tuned.py),
+`gpo-fast sample` and the benchmarks build the same things the same way. Heavy imports stay inside the
+functions.
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gpo_fast.config import Config
+from gpo_fast.errors import InputError
+from gpo_fast.language import Prompt
 
 
 def resolve_device(config: Config) -> torch.device:
@@ -18,8 +23,15 @@ def resolve_device(config: Config) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device = {config.device!r} but this machine has no CUDA GPU; use device = 'auto' or 'cpu'")
+        raise InputError(f"device = {config.device!r} but this machine has no CUDA GPU; use device = 'auto' or 'cpu'")
     return device
+
+
+def autocast_for(device: torch.device):
+    """The precision of sampling and training: bf16 autocast on a GPU, float32 elsewhere (a context factory)."""
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 def build_model(config: Config, device: torch.device, trainable: bool = True, prompts: list[str] | None = None):
@@ -27,7 +39,7 @@ def build_model(config: Config, device: torch.device, trainable: bool = True, pr
     `prompts` (SD3) are encoded and cached before the transformer takes the GPU."""
     m = config.model
     if m.kind == "toy":
-        from gpo_fast.models.toy import ToyModel
+        from gpo_fast.toy.model import ToyModel
 
         model = ToyModel.from_pretrained(m.path).to(device)
     else:
@@ -50,28 +62,28 @@ def build_model(config: Config, device: torch.device, trainable: bool = True, pr
 
 def build_reward(config: Config, device: torch.device):
     """The reward of the config; engines (YOLO, easyocr) load lazily on first use."""
-    r = config.reward
-    if r.kind == "toy-count":
-        from gpo_fast.rewards.toy import DotCountReward
+    settings = config.reward
+    if settings.kind == "toy-count":
+        from gpo_fast.toy.reward import DotCountReward
 
-        return DotCountReward(r.min_size, r.partial_credit)
-    on_gpu = r.device == "auto" and device.type == "cuda"
+        return DotCountReward(settings.min_size, settings.partial_credit)
+    on_gpu = settings.device == "auto" and device.type == "cuda"
 
     def make(kind: str):
         if kind == "yolo-count":
             from gpo_fast.rewards.counting import YoloCountReward
 
-            return YoloCountReward(r.detector, conf=r.conf, partial_credit=r.partial_credit,
+            return YoloCountReward(settings.detector, conf=settings.conf, partial_credit=settings.partial_credit,
                                    device=str(device) if on_gpu else "cpu")
         from gpo_fast.rewards.text import OcrTextReward
 
-        return OcrTextReward(model_dir=r.ocr_model_dir, gpu=on_gpu)
+        return OcrTextReward(model_dir=settings.ocr_model_dir, gpu=on_gpu)
 
-    if r.kind == "composite":
+    if settings.kind == "composite":
         from gpo_fast.rewards.composite import WeightedReward
 
-        return WeightedReward([(make(kind), w) for kind, w in r.weights.items()])
-    return make(r.kind)
+        return WeightedReward([(make(kind), w) for kind, w in settings.weights.items()])
+    return make(settings.kind)
 
 
 def build_prompts(config: Config, classes: list[str] | None = None):
@@ -83,7 +95,7 @@ def build_prompts(config: Config, classes: list[str] | None = None):
     A path: a JSONL file with a `split` field per line; counting classes are checked against `classes`
     (the detector's; default the COCO-80 names). PromptFileError (one sentence) on a bad file.
     """
-    from gpo_fast.prompts import Prompt, counting_prompts, load_prompts, split_prompts, text_prompts
+    from gpo_fast.prompts import counting_prompts, load_prompts, split_prompts, text_prompts
 
     source = config.data.prompts
     if source == "toy":
@@ -96,3 +108,41 @@ def build_prompts(config: Config, classes: list[str] | None = None):
         return split_prompts(every, config.data.eval_fraction, seed=0)
     path = Path(source).expanduser()
     return load_prompts(path, split="train", classes=classes), load_prompts(path, split="eval", classes=classes)
+
+
+@dataclass
+class Task:
+    """What the model is trained at: the reward and its train and eval prompts (disjoint by item)."""
+
+    reward: object
+    train_prompts: list[Prompt]
+    eval_prompts: list[Prompt]
+
+
+def build_task(config: Config, device: torch.device) -> Task:
+    """The reward, loaded (missing detector or OCR weights are one sentence now, not mid-run), and the
+    prompts, read first so that a bad prompt file fails before any engine loads; a prompt file's classes
+    are then checked against the detector's own."""
+    train_prompts, eval_prompts = build_prompts(config)
+    reward = build_reward(config, device)
+    if hasattr(reward, "load"):
+        reward.load()
+    classes = list(getattr(reward, "names", {}).values()) or None
+    if classes and config.data.prompts not in ("toy", "counting", "text"):
+        train_prompts, eval_prompts = build_prompts(config, classes=classes)
+    return Task(reward, train_prompts, eval_prompts)
+
+
+def build_evaluator(config: Config, task: Task, device: torch.device):
+    """The held-out evaluator of the config (gpo_fast.evaluate): the toy world's counter, or the task's
+    reward over its eval prompts."""
+    ev = config.eval
+    precision = autocast_for(device)
+    if config.model.kind == "toy":
+        from gpo_fast.toy.evaluate import ToyEvaluator
+
+        return ToyEvaluator(ev.samples, ev.steps, ev.cfg_scale, precision=precision)
+    from gpo_fast.evaluate import PromptEvaluator
+
+    return PromptEvaluator(task.reward, task.eval_prompts, ev.samples, ev.steps, ev.cfg_scale,
+                           batch_size=config.rollout.batch_size, precision=precision)

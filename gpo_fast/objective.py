@@ -1,7 +1,7 @@
-"""The GPO objective family in plain PyTorch: the spec in code.
+"""The GPO objective family in plain PyTorch: the spec in code, and the loss contract (`LossSpec`).
 
-Reads next to ``shared/design/method.md``. The fused Triton kernels in ``gpo_fast.kernels`` are
-tested against these functions, and they are what ``gpo_fast.gpo_loss`` runs where Triton does not.
+docs/method.md writes the method out. The fused Triton kernels in ``gpo_fast.kernels`` are tested
+against these functions, and they are what ``gpo_fast.gpo_loss`` runs where Triton does not.
 
 Notation (flow matching; for epsilon prediction read "target" as eps):
     pred, target      (N, ...) the model's prediction and the regression target, N = P * G,
@@ -30,6 +30,7 @@ All math is float32 whatever the input dtype (float64 inputs stay float64, for g
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,52 @@ import torch.nn.functional as F
 OBJECTIVES = ("gpo", "gpo-pairs", "dpo")
 DEFAULT_EPS_STD = 1e-6
 DEFAULT_MIN_STD = 1e-6
+
+
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What defines the loss, beside the tensors: one object from the config to the kernel.
+
+    group_size  G, the members of a group contiguous along dim 0 (N = P * G)
+    beta        the sharpness of l(z) = softplus(beta * z) (docs/method.md states its convention)
+    objective   "gpo", "gpo-pairs" or "dpo"
+    eps_std     added to a group's reward std before dividing
+    min_std     a group whose reward std is below this is degenerate (no loss, no gradient)
+    """
+
+    group_size: int
+    beta: float
+    objective: str = "gpo"
+    eps_std: float = DEFAULT_EPS_STD
+    min_std: float = DEFAULT_MIN_STD
+
+    def __post_init__(self):
+        """ValueError naming the field that is wrong."""
+        g = self.group_size
+        if isinstance(g, bool) or not isinstance(g, int) or g < 2:
+            raise ValueError(f"group_size must be an integer >= 2; got {g!r}")
+        b = self.beta
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0:
+            raise ValueError(f"beta must be a finite number > 0; got {b!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
+        if not isinstance(self.eps_std, (int, float)) or not math.isfinite(self.eps_std) or self.eps_std < 0:
+            raise ValueError(f"eps_std must be a finite number >= 0; got {self.eps_std!r}")
+        if not isinstance(self.min_std, (int, float)) or not math.isfinite(self.min_std) or self.min_std <= 0:
+            raise ValueError(f"min_std must be a finite number > 0; got {self.min_std!r}")
+
+    @staticmethod
+    def of(spec: "LossSpec | None", keywords: dict) -> "LossSpec":
+        """The spec passed, or one made from keywords (group_size=..., beta=...): a call gives one of the two."""
+        if spec is None:
+            return LossSpec(**keywords)
+        if keywords:
+            raise TypeError(f"pass a LossSpec or keywords, not both (got {', '.join(keywords)} beside the spec)")
+        if not isinstance(spec, LossSpec):
+            raise TypeError(f"spec must be a LossSpec; got {type(spec).__name__}")
+        return spec
 
 
 def _math_dtype(t: torch.Tensor) -> torch.dtype:
@@ -50,24 +97,19 @@ def sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return diff.pow(2).reshape(diff.shape[0], -1).mean(dim=1)
 
 
-def standardize_rewards(
-    rewards: torch.Tensor,
-    group_size: int,
-    eps_std: float = DEFAULT_EPS_STD,
-    min_std: float = DEFAULT_MIN_STD,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def standardize_rewards(rewards: torch.Tensor, spec: LossSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Group-standardized rewards A (P, G) and the mask of non-degenerate groups (P,).
 
     Members with a non-finite reward are excluded: the statistics are over the finite ones, their A is 0."""
-    r = rewards.to(_math_dtype(rewards)).reshape(-1, group_size)
-    ok = torch.isfinite(r)
-    count = ok.sum(dim=1, keepdim=True).clamp(min=1).to(r.dtype)
-    mu = torch.where(ok, r, 0.0).sum(dim=1, keepdim=True) / count
-    centered = torch.where(ok, r - mu, 0.0)
+    by_group = rewards.to(_math_dtype(rewards)).reshape(-1, spec.group_size)
+    ok = torch.isfinite(by_group)
+    count = ok.sum(dim=1, keepdim=True).clamp(min=1).to(by_group.dtype)
+    mu = torch.where(ok, by_group, 0.0).sum(dim=1, keepdim=True) / count
+    centered = torch.where(ok, by_group - mu, 0.0)
     std = (centered.pow(2).sum(dim=1, keepdim=True) / count).sqrt()
-    valid = std.squeeze(1) >= min_std  # min_std > 0: fewer than two finite members is degenerate
+    valid = std.squeeze(1) >= spec.min_std  # min_std > 0: fewer than two finite members is degenerate
     # zero in degenerate groups (with eps_std = 0 they would be 0/0, and NaN survives a masked backward)
-    advantages = torch.where(valid[:, None], centered / (std + eps_std), 0.0)
+    advantages = torch.where(valid[:, None], centered / (std + spec.eps_std), 0.0)
     return advantages, valid
 
 
@@ -75,124 +117,47 @@ def _l(z: torch.Tensor, beta: float) -> torch.Tensor:
     return F.softplus(beta * z)  # = -logsigmoid(-beta * z), stable for large |beta * z|
 
 
-def group_losses(
-    d: torch.Tensor, rewards: torch.Tensor, advantages: torch.Tensor, beta: float, objective: str
-) -> torch.Tensor:
+def group_losses(d: torch.Tensor, rewards: torch.Tensor, advantages: torch.Tensor, spec: LossSpec) -> torch.Tensor:
     """Per-group loss L_p (P,) from log-ratios d (P, G), raw rewards (P, G) and advantages (P, G)."""
-    if objective == "gpo":
-        return _l((advantages * d).sum(dim=1), beta)
-    if objective == "gpo-pairs":
+    if spec.objective == "gpo":
+        return _l((advantages * d).sum(dim=1), spec.beta)
+    if spec.objective == "gpo-pairs":
         # pair (i, j) counts when r_i > r_j, weighted by A_i - A_j (> 0 there); NaN compares False
         ok = torch.isfinite(rewards)
         better = ok[:, :, None] & ok[:, None, :] & (rewards[:, :, None] > rewards[:, None, :])
         weight = torch.where(better, advantages[:, :, None] - advantages[:, None, :], 0.0)
-        pair_loss = _l(d[:, :, None] - d[:, None, :], beta)
+        pair_loss = _l(d[:, :, None] - d[:, None, :], spec.beta)
         total_weight = weight.sum(dim=(1, 2))
         # a degenerate group has no pair: keep its (masked-out) value finite
         return (weight * pair_loss).sum(dim=(1, 2)) / torch.where(total_weight > 0, total_weight, 1.0)
-    if objective == "dpo":
-        # argmax/argmin return the first index of the extreme value: lowest index on ties;
-        # an excluded member is never the extreme of a non-degenerate group
-        ok = torch.isfinite(rewards)
-        best = torch.where(ok, rewards, -math.inf).argmax(dim=1, keepdim=True)
-        worst = torch.where(ok, rewards, math.inf).argmin(dim=1, keepdim=True)
-        z = d.gather(1, best) - d.gather(1, worst)
-        return _l(z.squeeze(1), beta)
-    raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
+    # dpo: argmax/argmin return the first index of the extreme value: lowest index on ties;
+    # an excluded member is never the extreme of a non-degenerate group
+    ok = torch.isfinite(rewards)
+    best = torch.where(ok, rewards, -math.inf).argmax(dim=1, keepdim=True)
+    worst = torch.where(ok, rewards, math.inf).argmin(dim=1, keepdim=True)
+    z = d.gather(1, best) - d.gather(1, worst)
+    return _l(z.squeeze(1), spec.beta)
 
 
-def reference_gpo_loss(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    ref_err: torch.Tensor,
-    rewards: torch.Tensor,
-    *,
-    group_size: int,
-    beta: float,
-    objective: str = "gpo",
-    eps_std: float = DEFAULT_EPS_STD,
-    min_std: float = DEFAULT_MIN_STD,
-) -> torch.Tensor:
-    """The GPO loss as method.md writes it, differentiable by autograd. Scalar float32."""
-    check_gpo_args(
-        pred, target, ref_err, rewards, group_size, beta, objective, eps_std, min_std,
-        pred_dtypes=KERNEL_DTYPES + (torch.float64,),
-    )
-    return loss_from_errors(
-        sample_mse(pred, target), ref_err, rewards,
-        group_size=group_size, beta=beta, objective=objective, eps_std=eps_std, min_std=min_std,
-    )
+def reference_gpo_loss(pred: torch.Tensor, target: torch.Tensor, ref_err: torch.Tensor, rewards: torch.Tensor,
+                       spec: LossSpec | None = None, **keywords) -> torch.Tensor:
+    """The GPO loss as docs/method.md writes it, differentiable by autograd; scalar float32 (float64 in,
+    float64 out). The spec, or its fields as keywords (group_size=..., beta=..., objective=...)."""
+    return loss_from_errors(sample_mse(pred, target), ref_err, rewards, LossSpec.of(spec, keywords))
 
 
-def loss_from_errors(
-    policy_err: torch.Tensor,
-    ref_err: torch.Tensor,
-    rewards: torch.Tensor,
-    *,
-    group_size: int,
-    beta: float,
-    objective: str = "gpo",
-    eps_std: float = DEFAULT_EPS_STD,
-    min_std: float = DEFAULT_MIN_STD,
-) -> torch.Tensor:
-    """The loss from per-sample errors e (N,) and f (N,). Its gradient in e is c = dL/dd (method.md)."""
+def loss_from_errors(policy_err: torch.Tensor, ref_err: torch.Tensor, rewards: torch.Tensor,
+                     spec: LossSpec | None = None, **keywords) -> torch.Tensor:
+    """The loss from per-sample errors e (N,) and f (N,). Its gradient in e is c = dL/dd (docs/method.md)."""
+    spec = LossSpec.of(spec, keywords)
+    if policy_err.shape[0] % spec.group_size:
+        raise ValueError(f"group_size {spec.group_size} does not divide the batch size N={policy_err.shape[0]}")
     dt = _math_dtype(policy_err)
-    r = rewards.to(dt).reshape(-1, group_size)
+    by_group = rewards.to(dt).reshape(-1, spec.group_size)
     # an excluded member's d is never used; zero it so that a non-finite one cannot leak in as 0 * NaN
-    d = torch.where(torch.isfinite(r), (policy_err.to(dt) - ref_err.to(dt)).reshape(-1, group_size), 0.0)
-    advantages, valid = standardize_rewards(r, group_size, eps_std, min_std)
-    losses = group_losses(d, r, advantages, beta, objective)
+    d = torch.where(torch.isfinite(by_group), (policy_err.to(dt) - ref_err.to(dt)).reshape(-1, spec.group_size), 0.0)
+    advantages, valid = standardize_rewards(by_group, spec)
+    losses = group_losses(d, by_group, advantages, spec)
     n_valid = valid.sum().clamp(min=1)
     # torch.where (not a product) so a non-finite value of a degenerate group cannot leak in
     return torch.where(valid, losses, 0.0).sum() / n_valid
-
-
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def check_pred_target(pred, target, pred_dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES) -> None:
-    """ValueError naming the argument when pred / target are not same-shape float tensors on one device."""
-    for name, t in (("pred", pred), ("target", target)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if t.dtype not in pred_dtypes:
-            allowed = ", ".join(str(d).removeprefix("torch.") for d in pred_dtypes)
-            raise ValueError(f"{name} has unsupported dtype {t.dtype}; use one of {allowed}")
-    if pred.dim() < 1 or pred.numel() == 0:
-        raise ValueError(f"pred must be non-empty with the batch on dim 0; got shape {tuple(pred.shape)}")
-    if target.shape != pred.shape:
-        raise ValueError(f"target shape {tuple(target.shape)} does not match pred shape {tuple(pred.shape)}")
-    if target.device != pred.device:
-        raise ValueError(f"target is on {target.device} but pred is on {pred.device}")
-
-
-def check_gpo_args(
-    pred, target, ref_err, rewards, group_size, beta, objective, eps_std, min_std,
-    pred_dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES,
-) -> None:
-    """Raise a ValueError naming the argument that is wrong. Host-side metadata only: no sync."""
-    check_pred_target(pred, target, pred_dtypes)
-    for name, t in (("ref_err", ref_err), ("rewards", rewards)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if not t.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a floating-point tensor; got {t.dtype} (convert with .float())")
-    n = pred.shape[0]
-    for name, t in (("ref_err", ref_err), ("rewards", rewards)):
-        if t.shape != (n,):
-            raise ValueError(f"{name} must have shape ({n},) (one value per sample); got {tuple(t.shape)}")
-    for name, t in (("ref_err", ref_err), ("rewards", rewards)):
-        if t.device != pred.device:
-            raise ValueError(f"{name} is on {t.device} but pred is on {pred.device}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
-        raise ValueError(f"group_size must be an integer >= 2; got {group_size!r}")
-    if n % group_size != 0:
-        raise ValueError(f"group_size {group_size} does not divide the batch size N={n} (N = prompts * group_size)")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta must be a finite number > 0; got {beta!r}")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
-    if not isinstance(eps_std, (int, float)) or not math.isfinite(eps_std) or eps_std < 0:
-        raise ValueError(f"eps_std must be a finite number >= 0; got {eps_std!r}")
-    if not isinstance(min_std, (int, float)) or not math.isfinite(min_std) or min_std <= 0:
-        raise ValueError(f"min_std must be a finite number > 0; got {min_std!r}")

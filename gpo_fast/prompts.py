@@ -1,4 +1,4 @@
-"""Prompt sets: the Prompt record, JSONL files, generated counting and text sets, train/eval splits.
+"""Prompt sets (of gpo_fast.language.Prompt records): JSONL files, generated counting and text sets, train/eval splits.
 
 A prompt file is JSONL, one object per line; blank lines and lines starting with '#' are skipped:
     {"prompt": "a photo of three cats", "task": "counting", "class": "cat", "n": 3, "split": "train"}
@@ -23,13 +23,13 @@ import difflib
 import json
 import random
 import re
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
-from gpo_fast.rewards.text import normalize
-from gpo_fast.rewards.vocab import COCO_CLASSES, MAX_COUNT, canonical, noun_phrase, number_word, parse_number
+from gpo_fast.errors import InputError, UserError
+from gpo_fast.language import (COCO_CLASSES, MAX_COUNT, Prompt, canonical, noun_phrase, normalize, number_word,
+                               parse_number)
 
 TASKS = ("counting", "text", "toy")
 SPLITS = ("train", "eval")
@@ -39,16 +39,7 @@ TEXT_TEMPLATES = ('a sign that says "{word}"',)  # {word}
 _EXAMPLE = '{"prompt": "a photo of three cats", "task": "counting", "class": "cat", "n": 3}'
 
 
-@dataclass(frozen=True)
-class Prompt:
-    text: str
-    task: str  # "counting" | "text" | "toy"
-    cls: str | None = None  # detector class name, counting
-    n: int | None = None  # wanted count
-    target: str | None = None  # text to render
-
-
-class PromptFileError(ValueError):
+class PromptFileError(UserError, ValueError):
     """A prompt file that cannot be used; the message is one sentence: 'FILE line K: reason; what to do'."""
 
 
@@ -60,7 +51,7 @@ def _classes_hint(name: str, classes: Sequence[str]) -> str:
     close = difflib.get_close_matches(name.lower(), [c.lower() for c in classes], n=3)
     guess = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
     if tuple(classes) == COCO_CLASSES:
-        where = ("use one of the 80 COCO class names (listed in gpo_fast.rewards.vocab.COCO_CLASSES) "
+        where = ("use one of the 80 COCO class names (listed in gpo_fast.language.COCO_CLASSES) "
                  "or a plural or synonym of one")
     else:
         where = f"use one of the detector's classes: {', '.join(classes)}"
@@ -180,18 +171,18 @@ def parse_counting_prompt(text: str, classes: Sequence[str] | None = None) -> tu
         if match:
             found.append((n, match))
     if not numbers:
-        raise ValueError(f"no count in {text!r}; write the number as a word (one..twenty) or digits, "
+        raise InputError(f"no count in {text!r}; write the number as a word (one..twenty) or digits, "
                          f"e.g. 'a photo of three cats'")
     if not found:
         first = tokens.index(numbers[0])
         after = " ".join(tokens[first + 1 : first + 3])  # what the user probably meant as the object
-        raise ValueError(f"no detector class after the number in {text!r}{_classes_hint(after, classes)}")
+        raise InputError(f"no detector class after the number in {text!r}{_classes_hint(after, classes)}")
     if len(set(found)) > 1:
-        raise ValueError(f"{text!r} asks for several counts ({found}); a counting prompt asks for one class "
+        raise InputError(f"{text!r} asks for several counts ({found}); a counting prompt asks for one class "
                          f"and one number")
     n, name = found[0]
     if not 1 <= n <= MAX_COUNT:
-        raise ValueError(f"{text!r} asks for {n} objects; counts must be in 1..{MAX_COUNT}")
+        raise InputError(f"{text!r} asks for {n} objects; counts must be in 1..{MAX_COUNT}")
     return n, name
 
 
@@ -203,7 +194,7 @@ def counting_prompts(classes: Sequence[str] = COCO_CLASSES, n_range: tuple[int, 
     """Every class x every n in n_range (inclusive) x every template: 'a photo of three cats', 'one cat'."""
     lo, hi = n_range
     if not 1 <= lo <= hi <= MAX_COUNT:
-        raise ValueError(f"n_range must satisfy 1 <= min <= max <= {MAX_COUNT}; got {n_range}")
+        raise InputError(f"n_range must satisfy 1 <= min <= max <= {MAX_COUNT}; got {n_range}")
     for t in templates:
         if "{noun}" not in t or ("{n}" not in t and "{n_word}" not in t):
             raise ValueError(f"counting template {t!r} needs {{noun}} and {{n}} or {{n_word}}")
@@ -301,7 +292,7 @@ def make_prompt_set(kind: str, out: str | Path, *, eval_fraction: float = 0.2, s
     elif kind == "text":
         prompts = text_prompts(load_words(words_file), templates or TEXT_TEMPLATES)
     else:
-        raise ValueError(f"unknown prompt set kind {kind!r}; use 'counting' or 'text'")
+        raise InputError(f"unknown prompt set kind {kind!r}; use 'counting' or 'text'")
     train, held = split_prompts(prompts, eval_fraction, seed)
     write_jsonl(train + held, out, ["train"] * len(train) + ["eval"] * len(held))
     return len(train), len(held)

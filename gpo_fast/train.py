@@ -1,45 +1,49 @@
-"""The GPO self-improvement loop (shared/design/method.md, steps 1-6), top to bottom.
+"""The GPO self-improvement loop, top to bottom (docs/method.md).
 
+    setup       build everything; whatever can fail on bad input fails here, before anything is written
+    begin       the base model's held-out accuracy (and its validation accuracy, the first "best"), or
+                the state of the checkpoint a resumed run continues from
     for each rollout:
-        P prompts -> G images each from the current policy (Euler ODE, CFG) -> rewards
-        for each inner update:
-            one noise level s_p and one noise eps_p per group, shared by its G members
-            x_s = (1 - s) x0 + s eps, u = eps - x0
-            ref_err = sample_mse(reference(x_s), u)      under no_grad, adapter disabled, freed at once
-            loss = gpo_loss(policy(x_s), u, ref_err, rewards)   -> backward -> clip -> optimizer step
-    evaluate on held-out seeds before, every `eval.every` rollouts (on validation seeds, to keep the
-    best adapter) and after (the best adapter on the held-out seeds).
+        sample and score   P prompts -> G images each from the current policy -> rewards
+        update             `inner_updates` x (gpo_update -> clip -> optimizer step); a non-finite update
+                           is skipped and counted, several in a row stop the run
+        record             metrics.jsonl and TensorBoard; validation every `eval.every` rollouts keeps
+                           the best adapter
+        checkpoint         every `train.checkpoint_every` rollouts, the whole LoopState and the weights
+    finish      the best adapter saved, measured on the held-out seeds; summary.json and plots
 
-Group-exact micro-batching (train.micro_batch < N): all policy errors first without grad, the
-coefficients c = dL/dd from them, then forward + backward per micro-batch on sum(c * e) with c
-detached: the same gradient as the whole batch at once, for one extra forward.
+One GPO update (noise, reference errors, the fused loss) is gpo_fast.update; evaluation is
+gpo_fast.evaluate (built by gpo_fast.components), pictures and intervals gpo_fast.report. With several
+processes (gpo_fast.distributed) every rank runs every phase on its own groups; rank 0 alone
+evaluates and writes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from gpo_fast.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from gpo_fast.components import build_model, build_prompts, build_reward, resolve_device
+from gpo_fast.components import Task, autocast_for, build_evaluator, build_model, build_task, resolve_device
 from gpo_fast.config import Config, dump_config, resume_conflicts
 from gpo_fast.distributed import Dist
-from gpo_fast.evaluate import evaluate_prompts, evaluate_toy
-from gpo_fast.kernels import gpo_loss, sample_mse
-from gpo_fast.models.base import DiffusionModel
-from gpo_fast.objective import loss_from_errors, standardize_rewards
+from gpo_fast.errors import InputError, UserError
 from gpo_fast.prompts import write_jsonl
+from gpo_fast.report import gain_interval, save_before_after, save_grid, save_reward_curve, write_atomic, write_json
 from gpo_fast.sampling import rollout
+from gpo_fast.update import degenerate_fraction, gpo_update, loss_spec, make_optimizer, make_schedule
+
+VALIDATION_SEED_OFFSET = 1  # validation draws eval.seed + 1: it picks the best adapter, eval.seed measures it
+DEGENERATE_WARN_AFTER = 5  # rollouts in a row with >= 90% degenerate groups before the loop says so
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError):
     """Too many non-finite updates in a row; the message says what to do."""
 
 
@@ -50,106 +54,89 @@ class RunResult:
     model: object = None  # the trained policy (the kept adapter loaded)
 
 
-def draw_sigmas(n: int, cfg, schedule: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """(n,) noise levels in [sigma_min, sigma_max] from the configured distribution; `schedule` is the
-    sampler's (steps + 1,) noise levels, used by sigma_dist = "schedule"."""
-    if cfg.sigma_dist == "logit-normal":
-        s = torch.sigmoid(torch.randn(n, generator=generator))
-    elif cfg.sigma_dist == "uniform":
-        s = torch.rand(n, generator=generator)
-    else:  # the sampler's own noise levels
-        grid = schedule[:-1].float().cpu()
-        s = grid[torch.randint(0, len(grid), (n,), generator=generator)]
-    return s.clamp(cfg.sigma_min, cfg.sigma_max)
+@dataclass
+class LoopState:
+    """What the loop carries from rollout to rollout; a checkpoint saves and restores it whole."""
+
+    generator: torch.Generator  # every random draw of the loop: prompts, starting noise, noise levels
+    rollout: int = 0  # the rollout under way (the last one done, between rollouts)
+    updates: int = 0
+    skipped_updates: int = 0
+    bad_updates_in_a_row: int = 0
+    degenerate_streak: int = 0
+    before: dict | None = None  # the base model's held-out metrics
+    before_images: torch.Tensor | None = None
+    best: dict | None = None  # {"rollout", "accuracy" (validation), "state" (the trained weights)}
+    history: list[dict] = field(default_factory=list)  # the metrics rows so far
 
 
-def group_noise(x0: torch.Tensor, group_size: int, cfg, schedule: torch.Tensor, generator: torch.Generator,
-                shard: tuple[int, int] = (0, 1)):
-    """x_s, u and s per sample, with s and eps shared within each group (members differ only by x0).
-    shard = (rank, world): x0 holds this rank's groups; all ranks draw every group's noise, keep theirs."""
-    rank, world = shard
-    n_groups = x0.shape[0] // group_size
-    every_s = draw_sigmas(n_groups * world, cfg, schedule, generator)
-    every_eps = torch.randn((n_groups * world, *x0.shape[1:]), generator=generator)
-    mine = slice(rank * n_groups, (rank + 1) * n_groups)
-    s = every_s[mine].repeat_interleave(group_size).to(x0.device)
-    eps = every_eps[mine].repeat_interleave(group_size, 0).to(x0.device)
-    s_ = s.view(-1, *[1] * (x0.dim() - 1))
-    return (1 - s_) * x0 + s_ * eps, eps - x0, s
+@dataclass
+class Batch:
+    """One rollout, scored: this rank's groups."""
+
+    x0: torch.Tensor  # (N, *latent_shape) float32 latents
+    texts: list[str]  # the prompt of every sample
+    rewards: torch.Tensor  # (N,) float32, NaN where the reward engine failed
+    correct: torch.Tensor  # (N,) bool
+    failed: int  # reward failures over all ranks
 
 
-def implicit_reward_accuracy(d: torch.Tensor, rewards: torch.Tensor, group_size: int) -> float:
-    """Fraction of ordered pairs r_i > r_j within groups where the policy prefers i (d_i < d_j)."""
-    d, r = d.view(-1, group_size), rewards.view(-1, group_size)
-    ok = torch.isfinite(r)  # an excluded member is in no pair
-    better = ok[:, :, None] & ok[:, None, :] & (r[:, :, None] > r[:, None, :])
-    n = better.sum().item()
-    return float("nan") if n == 0 else ((d[:, :, None] < d[:, None, :]) & better).sum().item() / n
+@dataclass
+class Run:
+    """Everything the phases share."""
 
+    config: Config
+    out: Path
+    dist: Dist
+    task: Task
+    evaluator: Callable
+    model: object
+    opt: torch.optim.Optimizer
+    sched: object
+    state: LoopState
+    log: Callable
+    precision: Callable  # bf16 autocast on a GPU
+    writer: object = None  # TensorBoard, rank 0
+    metrics_file: object = None  # metrics.jsonl, rank 0
 
-def make_optimizer(params, cfg):
-    if cfg.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
+    @property
+    def main(self) -> bool:
+        return self.dist.is_main
 
-        return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=0.0)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return self.model.trainable_parameters()
 
+    def validate(self) -> tuple[float, torch.Tensor]:
+        metrics, images = self.evaluator(self.model, self.config.eval.seed + VALIDATION_SEED_OFFSET)
+        return metrics["accuracy"], images
 
-def make_schedule(opt, cfg, total_updates: int):
-    def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / cfg.warmup_updates) if cfg.warmup_updates else 1.0
-        if cfg.lr_schedule == "cosine":
-            return warm * 0.5 * (1 + math.cos(math.pi * min(step, total_updates) / total_updates))
-        return warm
+    def save_checkpoint(self) -> None:
+        st = self.state
+        save_checkpoint(self.out, st.rollout, {
+            "rollout": st.rollout, "updates": st.updates,
+            "trainable": {k: v for k, v in self.model.named_parameters() if v.requires_grad},
+            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": rng_state(st.generator),
+            "before": st.before, "before_images": st.before_images, "best": st.best,
+            "config": self.config.model_dump(mode="json"),
+            "counters": {"skipped_updates": st.skipped_updates, "bad_updates_in_a_row": st.bad_updates_in_a_row,
+                         "degenerate_streak": st.degenerate_streak},
+        }, keep=self.config.train.keep_checkpoints)
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def gpo_update(model: DiffusionModel, x0, prompts: list[str], rewards, config: Config, generator, dist=None) -> dict:
-    """One inner update's forward and backward (no optimizer step). Returns per-update stats.
-
-    With several processes (`dist`), the loss is scaled by this rank's share of the non-degenerate
-    groups, so that gradients summed across ranks are those of the one-process loss."""
-    t, r = config.train, config.rollout
-    shard = (dist.rank, dist.world) if dist is not None else (0, 1)
-    x_s, u, s = group_noise(x0, r.group_size, t, model.schedule(r.steps), generator, shard)
-    scale = 1.0
-    if dist is not None and dist.world > 1:
-        valid = standardize_rewards(rewards, r.group_size, t.eps_std, t.min_std)[1].sum().float()
-        scale = (valid / dist.sum(valid).clamp(min=1.0)).item()
-    embeds = model.encode_prompts(prompts)
-    loss_kw = dict(group_size=r.group_size, beta=t.beta, objective=t.objective, eps_std=t.eps_std, min_std=t.min_std)
-    n = x0.shape[0]
-    mb = t.micro_batch if 0 < t.micro_batch < n else n
-    with torch.no_grad(), model.reference() as reference:  # each reference prediction dies at once
-        ref_err = torch.cat([sample_mse(reference.predict(x_s[i:i + mb], s[i:i + mb], embeds[i:i + mb]), u[i:i + mb])
-                             for i in range(0, n, mb)])
-    if mb == n:
-        loss, policy_err = gpo_loss(model.predict(x_s, s, embeds), u, ref_err, rewards, return_policy_err=True,
-                                    **loss_kw)
-        (loss * scale).backward()
-    else:
-        with torch.no_grad():
-            policy_err = torch.cat([sample_mse(model.predict(x_s[i:i + mb], s[i:i + mb], embeds[i:i + mb]),
-                                               u[i:i + mb]) for i in range(0, n, mb)])
-        e = policy_err.clone().requires_grad_(True)
-        loss = loss_from_errors(e, ref_err, rewards, **loss_kw)
-        (coef,) = torch.autograd.grad(loss, e)
-        for i in range(0, n, mb):
-            pred = model.predict(x_s[i:i + mb], s[i:i + mb], embeds[i:i + mb])
-            (scale * coef[i:i + mb] * sample_mse(pred, u[i:i + mb])).sum().backward()
-    d = policy_err - ref_err
-    return {"loss": loss.item() * scale, "mean_abs_d": d.abs().mean().item(),
-            "implicit_acc": implicit_reward_accuracy(d, rewards, r.group_size)}
-
-
-# the loop's guard counters, carried in checkpoints so that a resumed run counts on
-COUNTERS = ("skipped_updates", "bad_updates_in_a_row", "degenerate_streak")
-
-
-def degenerate_fraction(rewards: torch.Tensor, group_size: int, min_std: float) -> float:
-    """Fraction of groups without loss: all finite rewards equal (or fewer than two finite)."""
-    return (~standardize_rewards(rewards, group_size, min_std=min_std)[1]).float().mean().item()
+    def restore(self, ck: dict) -> None:
+        """Every piece of state as it was after the checkpoint's rollout."""
+        _load_trained_state(self.model, ck["trainable"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        st = self.state
+        set_rng_state(ck["rng"], st.generator)
+        st.rollout, st.updates = ck["rollout"], ck["updates"]
+        st.before, st.before_images, st.best = ck["before"], ck["before_images"], ck["best"]
+        counters = ck.get("counters", {})
+        st.skipped_updates = counters.get("skipped_updates", 0)
+        st.bad_updates_in_a_row = counters.get("bad_updates_in_a_row", 0)
+        st.degenerate_streak = counters.get("degenerate_streak", 0)
+        st.history = _metrics_until(self.out / "metrics.jsonl", st.rollout) if self.main else []
 
 
 def train(config: Config, log=print, progress=None, on_update=None, resume: Path | None = None) -> RunResult:
@@ -158,233 +145,242 @@ def train(config: Config, log=print, progress=None, on_update=None, resume: Path
     progress(row) is called after each rollout with its metrics row; on_update(done) after each update.
     resume: a checkpoint folder (run/checkpoints/rollout-N) to continue from exactly.
     """
-    from torch.utils.tensorboard import SummaryWriter
-
-    out = Path(config.out)
     start = time.time()
-    torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
+    run = setup(config, log, resume)
+    begin(run, resume)
+    for rollout_index in range(run.state.rollout + 1, config.train.rollouts + 1):
+        run.state.rollout = rollout_index
+        t0 = time.time()
+        batch = sample_and_score(run)
+        stats, grad_norm = update(run, batch, on_update)
+        row = record(run, batch, stats, grad_norm, time.time() - t0)
+        if progress is not None and run.main:
+            progress(row)
+        every = config.train.checkpoint_every
+        if run.main and every and rollout_index % every == 0 and rollout_index < config.train.rollouts:
+            run.save_checkpoint()
+        if out_of_time(run, start):
+            break
+    return finish(run, start)
 
+
+# ---------------------------------------------------------------------------------------------- phases
+
+
+def setup(config: Config, log, resume: Path | None) -> Run:
+    """Seeds, devices, the checkpoint to resume, prompts, reward, model, optimizer; then the run folder."""
+    torch.manual_seed(config.seed)
     dist = Dist.from_env()  # one process, or one per GPU under `accelerate launch`
-    main = dist.is_main
     if config.rollout.prompts % dist.world:
-        raise ValueError(f"rollout.prompts ({config.rollout.prompts}) must be a multiple of the number of "
+        raise InputError(f"rollout.prompts ({config.rollout.prompts}) must be a multiple of the number of "
                          f"processes ({dist.world}): each process takes whole groups")
     device = dist.device(resolve_device(config))
-    # bf16 autocast on a GPU; float32 on the CPU
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-    # what can fail on bad input (a checkpoint, a prompt file, weights, the model path) fails before anything
-    # is written
-    if resume is not None:
-        ck = load_checkpoint(resume)
-        if "config" in ck:  # config.toml edited by hand since the checkpoint was written
-            conflicts = resume_conflicts(Config.model_validate(ck["config"]), config)
-            if conflicts:
-                raise CheckpointError(f"checkpoint {resume} was written with other values of {', '.join(conflicts)}, "
-                                      "which change the training's math; put them back in config.toml or start a "
-                                      "new run")
-    train_prompts, eval_prompts = build_prompts(config)  # a prompt file is checked against the COCO classes
-    reward_fn = build_reward(config, device)
-    if hasattr(reward_fn, "load"):  # missing detector / OCR weights: say so now
-        reward_fn.load()
-    classes = list(getattr(reward_fn, "names", {}).values()) or None  # a prompt's class must be the detector's
-    if classes and config.data.prompts not in ("toy", "counting", "text"):
-        train_prompts, eval_prompts = build_prompts(config, classes=classes)
-    model = build_model(config, device, prompts=[p.text for p in train_prompts + eval_prompts])
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "config.toml", dump_config(config))
-    if main and config.model.kind != "toy":  # the prompts of this run, for the record
-        write_jsonl(train_prompts + eval_prompts, out / "prompts.jsonl",
-                    ["train"] * len(train_prompts) + ["eval"] * len(eval_prompts))
-    params = model.trainable_parameters()
-    opt = make_optimizer(params, config.train)
-    total_updates = config.train.rollouts * config.train.inner_updates
-    sched = make_schedule(opt, config.train, total_updates)
-    ev, ro = config.eval, config.rollout
+    checkpoint = _read_checkpoint(resume, config) if resume is not None else None
+    task = build_task(config, device)
+    model = build_model(config, device, prompts=[p.text for p in task.train_prompts + task.eval_prompts])
+    opt = make_optimizer(model.trainable_parameters(), config.train)
+    sched = make_schedule(opt, config.train, config.train.rollouts * config.train.inner_updates)
+    run = Run(config, Path(config.out), dist, task, build_evaluator(config, task, device), model, opt, sched,
+              LoopState(torch.Generator().manual_seed(config.seed)), log, autocast_for(device))
+    if run.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        write_atomic(run.out / "config.toml", dump_config(config))
+        write_jsonl(task.train_prompts + task.eval_prompts, run.out / "prompts.jsonl",  # the prompts, for the record
+                    ["train"] * len(task.train_prompts) + ["eval"] * len(task.eval_prompts))
+    if checkpoint is not None:
+        run.restore(checkpoint)
+        log(f"resumed from {resume} (rollout {run.state.rollout}, {run.state.updates} updates)")
+    return run
 
-    def evaluate(seed: int):
-        model.eval()
-        with amp():
-            if config.model.kind == "toy":
-                return evaluate_toy(model, n_samples=ev.samples, steps=ev.steps, cfg_scale=ev.cfg_scale, seed=seed)
-            return evaluate_prompts(model, reward_fn, eval_prompts, n_samples=ev.samples, steps=ev.steps,
-                                    cfg_scale=ev.cfg_scale, seed=seed, batch_size=ro.batch_size)
 
-    select_seed = ev.seed + 1  # validation seeds pick the best adapter; ev.seed measures it
-    history, updates, first = [], 0, 1
-    if resume is not None:  # every piece of state as it was after the checkpoint's rollout
-        _load_trained_state(model, ck["trainable"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        set_rng_state(ck["rng"], gen)
-        updates, first = ck["updates"], ck["rollout"] + 1
-        before, before_images, best = ck["before"], ck["before_images"], ck["best"]
-        history = _metrics_until(out / "metrics.jsonl", ck["rollout"]) if main else []
-        log(f"resumed from {resume} (rollout {ck['rollout']}, {updates} updates)")
-    if main:  # rank 0 evaluates and writes; the others wait at the next collective
-        if resume is None:
-            before, before_images = evaluate(ev.seed)
-            before_images = before_images[:50]  # all a grid shows; the rest would sit in memory all run
-            log(f"before: accuracy {before['accuracy']:.3f} +- {before['accuracy_stderr']:.3f} on {ev.samples} "
-                "held-out samples")
-            best = _snapshot(model, 0, evaluate(select_seed)[0]["accuracy"]) if ev.every else None
-        writer = SummaryWriter(str(out / "tensorboard"), purge_step=first)  # a resumed run drops later events
-        metrics_file = (out / "metrics.jsonl").open("a" if resume is not None else "w")
-    mine = dist.shard(ro.prompts)  # this process's groups
-    rnd = first - 1
-    skipped = bad_in_a_row = degenerate_streak = 0
-    if resume is not None:  # a resumed run goes on counting
-        counters = ck.get("counters", {})
-        skipped, bad_in_a_row, degenerate_streak = (counters.get(k, 0) for k in COUNTERS)
-        if main and ev.every and best is None:  # validation switched on at the resume: start from here
-            best = _snapshot(model, ck["rollout"], evaluate(select_seed)[0]["accuracy"])
-    for rnd in range(first, config.train.rollouts + 1):
-        t0 = time.time()
-        # every process draws the global prompts and noise (same generator), then keeps its groups
-        idx = torch.randint(0, len(train_prompts), (ro.prompts,), generator=gen)
-        noise = torch.randn((ro.prompts * ro.group_size, *model.latent_shape), generator=gen)
-        prompts = [train_prompts[i] for i in idx][mine]
-        noise = noise[mine.start * ro.group_size:mine.stop * ro.group_size]
-        per_sample = [p for p in prompts for _ in range(ro.group_size)]
-        texts = [p.text for p in per_sample]
-        model.eval()
-        with amp():
-            _, x0, images = rollout(model, [p.text for p in prompts], ro.group_size, steps=ro.steps,
-                                    cfg_scale=ro.cfg_scale, generator=gen, batch_size=ro.batch_size, noise=noise)
-        x0 = x0.float()
-        scored = reward_fn.measure(images.float().cpu(), per_sample)
-        failed = int(dist.sum((~torch.isfinite(scored.reward)).sum()))
-        # a NaN reward (the engine failed on that image) excludes its member from its group in the loss
-        rewards = scored.reward.float().to(x0.device)
-        del images
-        stats = []
-        for _ in range(config.train.inner_updates):
-            opt.zero_grad(set_to_none=True)
-            model.train()
-            with amp():
-                stats.append(gpo_update(model, x0, texts, rewards, config, gen, dist))
-            dist.sum_grads(params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.train.grad_clip).item()
-            if not (math.isfinite(stats[-1]["loss"]) and math.isfinite(grad_norm)):
-                # a non-finite loss or gradient: skip the update (the weights and optimizer stay as they were)
-                opt.zero_grad(set_to_none=True)
-                skipped += 1
-                bad_in_a_row += 1
-                if bad_in_a_row >= config.train.max_bad_updates:
-                    raise TrainingDiverged(
-                        f"the loss or gradient was not finite in {bad_in_a_row} updates in a row (rollout {rnd}); the "
-                        f"weights were not changed by them and the checkpoints in {out / 'checkpoints'} are intact: "
-                        "lower train.lr or train.beta and resume or restart")
-                continue
-            bad_in_a_row = 0
-            opt.step()
-            sched.step()
-            updates += 1
-            if on_update is not None:
-                on_update(updates)
-        every_reward = dist.gather(rewards.float().cpu())
-        finite = every_reward[torch.isfinite(every_reward)]  # the members scored
-        row = {
-            "rollout": rnd, "updates": updates,
-            "loss": float(dist.sum(torch.tensor(sum(s["loss"] for s in stats) / len(stats)))),
-            "reward_mean": finite.mean().item() if finite.numel() else math.nan,
-            "reward_std": finite.std(unbiased=False).item() if finite.numel() else math.nan,
-            "accuracy": dist.gather(scored.correct.float().cpu()).mean().item(),
-            "degenerate_fraction": degenerate_fraction(every_reward, ro.group_size, config.train.min_std),
-            "implicit_acc": _nanmean([s["implicit_acc"] for s in stats]),
-            "mean_abs_d": sum(s["mean_abs_d"] for s in stats) / len(stats),
-            "grad_norm": grad_norm, "lr": sched.get_last_lr()[0], "step_seconds": time.time() - t0,
-            "reward_failures": failed, "skipped_updates": skipped,
-        }
-        history.append(row)
-        degenerate_streak = degenerate_streak + 1 if row["degenerate_fraction"] >= 0.9 else 0
-        if degenerate_streak == 5 and failed:
-            log(f"warning: for 5 rollouts at least 90% of the groups had no loss, and the reward engine failed on "
-                f"{failed} of the {len(every_reward)} images of rollout {rnd}: check the engine with `gpo-fast doctor`")
-        elif degenerate_streak == 5:
-            log(f"warning: for 5 rollouts at least 90% of the groups had all-equal rewards (degenerate: no loss, no "
-                "gradient); the model gets every image right or every image wrong on these prompts: use easier or "
-                "harder prompts, a larger rollout.group_size, or reward.partial_credit")
-        if main:
-            if ev.every and rnd % ev.every == 0:
-                metrics, val_images = evaluate(select_seed)
-                acc = row["val_accuracy"] = metrics["accuracy"]
-                _save_grid(val_images[:50], out / "samples" / f"rollout-{rnd:05d}.png")
-                if acc > best["accuracy"]:
-                    best = _snapshot(model, rnd, acc)
-            metrics_file.write(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v
-                                           for k, v in row.items()}) + "\n")
-            metrics_file.flush()
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    writer.add_scalar(k, v, rnd)
-            if progress is not None:
-                progress(row)
-            every = config.train.checkpoint_every
-            if every and rnd % every == 0 and rnd < config.train.rollouts:
-                save_checkpoint(out, rnd, {
-                    "rollout": rnd, "updates": updates,
-                    "trainable": {k: v for k, v in model.named_parameters() if v.requires_grad},
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(gen),
-                    "before": before, "before_images": before_images, "best": best,
-                    "config": config.model_dump(mode="json"),
-                    "counters": dict(zip(COUNTERS, (skipped, bad_in_a_row, degenerate_streak))),
-                }, keep=config.train.keep_checkpoints)
-        over = main and bool(config.train.time_budget_s) and time.time() - start > config.train.time_budget_s
-        if dist.sum(torch.tensor(float(over))) > 0:  # every process stops after the same rollout
-            log(f"time budget of {config.train.time_budget_s:.0f} s reached after {rnd} rollouts")
-            break
-    if not main:  # rank 0 keeps the best weights, saves and measures them
-        dist.barrier()
-        return RunResult({}, history, model)
-    metrics_file.close()
+def begin(run: Run, resume: Path | None) -> None:
+    """Rank 0: the base model's held-out accuracy and the first best (a fresh run), then the records."""
+    if not run.main:  # the other ranks wait at the next collective
+        return
+    st, ev = run.state, run.config.eval
+    if resume is None:
+        st.before, images = run.evaluator(run.model, ev.seed)
+        st.before_images = images[:50]  # all a grid shows
+        run.log(f"before: accuracy {st.before['accuracy']:.3f} +- {st.before['accuracy_stderr']:.3f} on "
+                f"{ev.samples} held-out samples")
+    if ev.every and st.best is None:  # a fresh run, or validation switched on at the resume: start from here
+        st.best = _snapshot(run.model, st.rollout, run.validate()[0])
+    from torch.utils.tensorboard import SummaryWriter
 
-    if ev.every:  # a last look at the final weights, then keep the best on the validation seeds
-        acc = evaluate(select_seed)[0]["accuracy"]
-        if acc > best["accuracy"]:
-            best = _snapshot(model, rnd, acc)
-        _load_trained_state(model, best["state"])
-    else:  # no validation: the final weights
-        best = {"rollout": rnd}
-    if config.lora.enabled:
-        model.save_adapter(out / "adapter")
-    else:
-        model.save_pretrained(out / "model")
-    after, after_images = evaluate(ev.seed)
-    gain = after["accuracy"] - before["accuracy"]
-    gain_se = math.sqrt(before["accuracy_stderr"] ** 2 + after["accuracy_stderr"] ** 2)
-    summary = {
-        "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
-        "gain": gain, "gain_ci95": [gain - 1.96 * gain_se, gain + 1.96 * gain_se],
-        "best_rollout": best["rollout"], "rollouts": rnd, "steps": updates,
-        "wall_seconds": time.time() - start, "objective": config.train.objective, "seed": config.seed,
-        "eval_samples": ev.samples, "eval_before": before, "eval_after": after,
+    run.writer = SummaryWriter(str(run.out / "tensorboard"), purge_step=st.rollout + 1)  # a resume drops later events
+    run.metrics_file = (run.out / "metrics.jsonl").open("a" if resume is not None else "w")
+
+
+def sample_and_score(run: Run) -> Batch:
+    """This rank's groups of one rollout, drawn by the current policy and scored."""
+    ro, gen = run.config.rollout, run.state.generator
+    mine = run.dist.shard(ro.prompts)
+    # every process draws the global prompts and noise (same generator), then keeps its groups
+    idx = torch.randint(0, len(run.task.train_prompts), (ro.prompts,), generator=gen)
+    noise = torch.randn((ro.prompts * ro.group_size, *run.model.latent_shape), generator=gen)
+    prompts = [run.task.train_prompts[i] for i in idx][mine]
+    noise = noise[mine.start * ro.group_size:mine.stop * ro.group_size]
+    per_sample = [p for p in prompts for _ in range(ro.group_size)]
+    run.model.eval()
+    with run.precision():
+        _, x0, images = rollout(run.model, [p.text for p in prompts], ro.group_size, steps=ro.steps,
+                                cfg_scale=ro.cfg_scale, generator=gen, batch_size=ro.batch_size, noise=noise)
+    scored = run.task.reward.measure(images.float().cpu(), per_sample)
+    failed = int(run.dist.sum((~torch.isfinite(scored.reward)).sum()))
+    # a NaN reward (the engine failed on that image) excludes its member from its group in the loss
+    x0 = x0.float()
+    return Batch(x0, [p.text for p in per_sample], scored.reward.float().to(x0.device), scored.correct, failed)
+
+
+def update(run: Run, batch: Batch, on_update=None) -> tuple[list[dict], float]:
+    """`inner_updates` optimizer steps on one rollout; a non-finite loss or gradient is skipped (weights and
+    optimizer untouched) and counted. Returns each update's stats and the last gradient norm."""
+    config, st, params = run.config, run.state, run.params
+    stats, grad_norm = [], math.nan
+    for _ in range(config.train.inner_updates):
+        run.opt.zero_grad(set_to_none=True)
+        run.model.train()
+        with run.precision():
+            stats.append(gpo_update(run.model, batch.x0, batch.texts, batch.rewards, config, st.generator, run.dist))
+        run.dist.sum_grads(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.train.grad_clip).item()
+        if not (math.isfinite(stats[-1]["loss"]) and math.isfinite(grad_norm)):
+            run.opt.zero_grad(set_to_none=True)
+            st.skipped_updates += 1
+            st.bad_updates_in_a_row += 1
+            if st.bad_updates_in_a_row >= config.train.max_bad_updates:
+                raise TrainingDiverged(
+                    f"the loss or gradient was not finite in {st.bad_updates_in_a_row} updates in a row (rollout "
+                    f"{st.rollout}); the weights were not changed by them and the checkpoints in "
+                    f"{run.out / 'checkpoints'} are intact: lower train.lr or train.beta and resume or restart")
+            continue
+        st.bad_updates_in_a_row = 0
+        run.opt.step()
+        run.sched.step()
+        st.updates += 1
+        if on_update is not None:
+            on_update(st.updates)
+    return stats, grad_norm
+
+
+def record(run: Run, batch: Batch, stats: list[dict], grad_norm: float, seconds: float) -> dict:
+    """The rollout's metrics row (over all ranks): warnings, validation, metrics.jsonl and TensorBoard."""
+    st, dist = run.state, run.dist
+    every_reward = dist.gather(batch.rewards.float().cpu())
+    scored = every_reward[torch.isfinite(every_reward)]  # the members the reward engine scored
+    row = {
+        "rollout": st.rollout, "updates": st.updates,
+        "loss": float(dist.sum(torch.tensor(sum(s["loss"] for s in stats) / len(stats)))),
+        "reward_mean": scored.mean().item() if scored.numel() else math.nan,
+        "reward_std": scored.std(unbiased=False).item() if scored.numel() else math.nan,
+        "accuracy": dist.gather(batch.correct.float().cpu()).mean().item(),
+        "degenerate_fraction": degenerate_fraction(every_reward, loss_spec(run.config)),
+        "implicit_acc": _nanmean([s["implicit_acc"] for s in stats]),
+        "mean_abs_d": sum(s["mean_abs_d"] for s in stats) / len(stats),
+        "grad_norm": grad_norm, "lr": run.sched.get_last_lr()[0], "step_seconds": seconds,
+        "reward_failures": batch.failed, "skipped_updates": st.skipped_updates,
     }
-    if config.model.kind == "toy":  # the toy world also reports the lenient counter and blank images
-        summary.update({
-            "accuracy_lenient_before": before["accuracy_lenient"], "accuracy_lenient_after": after["accuracy_lenient"],
-            "blank_before": before["blank_fraction"], "blank_after": after["blank_fraction"]})
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    writer.close()
-    _save_plots(out, before_images, after_images, history)
-    dist.barrier()
-    return RunResult(summary, history, model)
+    st.history.append(row)
+    _warn_if_degenerate(run, row, len(every_reward))
+    if not run.main:
+        return row
+    ev = run.config.eval
+    if ev.every and st.rollout % ev.every == 0:
+        row["val_accuracy"], val_images = run.validate()
+        save_grid(val_images[:50], run.out / "samples" / f"rollout-{st.rollout:05d}.png")
+        if row["val_accuracy"] > st.best["accuracy"]:
+            st.best = _snapshot(run.model, st.rollout, row["val_accuracy"])
+    run.metrics_file.write(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v
+                                       for k, v in row.items()}) + "\n")
+    run.metrics_file.flush()
+    for k, v in row.items():
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            run.writer.add_scalar(k, v, st.rollout)
+    return row
+
+
+def out_of_time(run: Run, start: float) -> bool:
+    """Whether train.time_budget_s is spent; every process stops after the same rollout."""
+    budget = run.config.train.time_budget_s
+    over = run.main and bool(budget) and time.time() - start > budget
+    if run.dist.sum(torch.tensor(float(over))) > 0:
+        run.log(f"time budget of {budget:.0f} s reached after {run.state.rollout} rollouts")
+        return True
+    return False
+
+
+def finish(run: Run, start: float) -> RunResult:
+    """Rank 0 keeps the best weights (by validation), saves them and measures them on the held-out seeds."""
+    st, config = run.state, run.config
+    if not run.main:
+        run.dist.barrier()
+        return RunResult({}, st.history, run.model)
+    run.metrics_file.close()
+    if config.eval.every:  # a last look at the final weights, then keep the best on the validation seeds
+        accuracy = run.validate()[0]
+        if accuracy > st.best["accuracy"]:
+            st.best = _snapshot(run.model, st.rollout, accuracy)
+        _load_trained_state(run.model, st.best["state"])
+    else:  # no validation: the final weights
+        st.best = {"rollout": st.rollout}
+    if config.lora.enabled:
+        run.model.save_adapter(run.out / "adapter")
+    else:
+        run.model.save_pretrained(run.out / "model")
+    after, after_images = run.evaluator(run.model, config.eval.seed)
+    summary = {
+        "accuracy_before": st.before["accuracy"], "accuracy_after": after["accuracy"],
+        **gain_interval(st.before, after),
+        "best_rollout": st.best["rollout"], "rollouts": st.rollout, "steps": st.updates,
+        "wall_seconds": time.time() - start, "objective": config.train.objective, "seed": config.seed,
+        "eval_samples": config.eval.samples, "eval_before": st.before, "eval_after": after,
+    }
+    for key, name in run.evaluator.headline.items():  # what this evaluator reports beside accuracy
+        summary.update({f"{name}_before": st.before[key], f"{name}_after": after[key]})
+    write_json(run.out / "summary.json", summary)
+    run.writer.close()
+    save_before_after(st.before_images, after_images, run.out / "before_after.png")
+    save_reward_curve(st.history, run.out / "reward_curve.png")
+    run.dist.barrier()
+    return RunResult(summary, st.history, run.model)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _read_checkpoint(path: Path, config: Config) -> dict:
+    """The checkpoint, refused when config.toml was edited since it was written in a key of the math."""
+    ck = load_checkpoint(path)
+    if "config" in ck:
+        conflicts = resume_conflicts(Config.model_validate(ck["config"]), config)
+        if conflicts:
+            raise CheckpointError(f"checkpoint {path} was written with other values of {', '.join(conflicts)}, "
+                                  "which change the training's math; put them back in config.toml or start a "
+                                  "new run")
+    return ck
+
+
+def _warn_if_degenerate(run: Run, row: dict, n_images: int) -> None:
+    st = run.state
+    st.degenerate_streak = st.degenerate_streak + 1 if row["degenerate_fraction"] >= 0.9 else 0
+    if st.degenerate_streak != DEGENERATE_WARN_AFTER:
+        return
+    if row["reward_failures"]:
+        run.log(f"warning: for {DEGENERATE_WARN_AFTER} rollouts at least 90% of the groups had no loss, and the "
+                f"reward engine failed on {row['reward_failures']} of the {n_images} images of rollout {st.rollout}: "
+                "check the engine with `gpo-fast doctor`")
+    else:
+        run.log(f"warning: for {DEGENERATE_WARN_AFTER} rollouts at least 90% of the groups had all-equal rewards "
+                "(degenerate: no loss, no gradient); the model gets every image right or every image wrong on these "
+                "prompts: use easier or harder prompts, a larger rollout.group_size, or reward.partial_credit")
 
 
 def _metrics_until(path: Path, rollout: int) -> list[dict]:
     """The metrics rows up to `rollout`, and the file cut back to them (a resumed run rewrites the rest)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     rows = [r for r in rows if r["rollout"] <= rollout]
-    _write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace path's content so that a kill at any moment leaves the old file or the new one, whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _nanmean(xs):
@@ -393,8 +389,8 @@ def _nanmean(xs):
 
 
 def _snapshot(model, rollout: int, accuracy: float) -> dict:
-    """A copy of the trained weights (the adapter, or the transformer when fully fine-tuned)."""
-    state = {k: v.detach().to("cpu", copy=True) for k, v in model.named_parameters() if v.requires_grad}  # off the GPU
+    """A copy of the trained weights (the adapter, or the transformer when fully fine-tuned), off the GPU."""
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.named_parameters() if v.requires_grad}
     return {"rollout": rollout, "accuracy": accuracy, "state": state}
 
 
@@ -403,39 +399,3 @@ def _load_trained_state(model, state: dict) -> None:
         for k, v in model.named_parameters():
             if k in state:
                 v.copy_(state[k])
-
-
-def _save_grid(images: torch.Tensor, path: Path) -> None:
-    """Images in [-1, 1] as a 10-wide grid of thumbnails: tiny images upscaled (nearest, so single
-    pixels stay visible), large ones shrunk to 128 px."""
-    from torchvision.utils import make_grid, save_image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    x = (images.detach().float().cpu() + 1) / 2
-    side = x.shape[-1]
-    if side < 64:
-        x = torch.nn.functional.interpolate(x, scale_factor=64 // side, mode="nearest")
-    elif side > 128:
-        x = torch.nn.functional.interpolate(x, size=(128, 128), mode="area")
-    save_image(make_grid(x, nrow=10, pad_value=0.5), path)
-
-
-def _save_plots(out: Path, before_images, after_images, history) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = min(50, before_images.shape[0])
-    _save_grid(torch.cat([before_images[:k], torch.zeros_like(before_images[:10]), after_images[:k]]),
-               out / "before_after.png")  # before, a gray row, after
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([h["rollout"] for h in history], [h["reward_mean"] for h in history], label="rollout reward")
-    val = [(h["rollout"], h["val_accuracy"]) for h in history if "val_accuracy" in h]
-    if val:
-        ax.plot(*zip(*val), marker="o", label="validation accuracy")
-    ax.set_xlabel("rollout")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "reward_curve.png", dpi=110)
-    plt.close(fig)

@@ -1,6 +1,6 @@
 """The fused GPO loss: policy error, log-ratio, group standardization, loss and gradient coefficients.
 
-Forward, two launches (the group-wide reduction sits between them, method.md "Gradient"):
+Forward, two launches (the group-wide reduction sits between them, docs/method.md "Gradient"):
   1. _sq_err_partials_kernel, grid (N, n_chunks): the one pass over pred and target; each program
      writes the float32 partial sum of (pred - target)^2 of its chunk.
   2. _gpo_finalize_kernel, one program: adds the partials of each sample in a fixed order (e = sum/D),
@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from gpo_fast.objective import LossSpec
 
 from .mse import device_of, scaled_diff, squared_error_partials
 
@@ -131,11 +133,11 @@ FINALIZE_TILE = 4096
 
 
 def gpo_forward(
-    pred2d: torch.Tensor, target2d: torch.Tensor, ref_err: torch.Tensor, rewards: torch.Tensor,
-    group_size: int, beta: float, objective: str, eps_std: float, min_std: float,
+    pred2d: torch.Tensor, target2d: torch.Tensor, ref_err: torch.Tensor, rewards: torch.Tensor, spec: LossSpec,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss (), c = dL/dd (N,), policy error e (N,)), float32, from contiguous (N, D) inputs."""
     n, d = pred2d.shape
+    group_size = spec.group_size
     n_groups = n // group_size
     partials = squared_error_partials(pred2d, target2d)
     n_chunks = partials.shape[1]
@@ -143,13 +145,13 @@ def gpo_forward(
     coef = torch.empty(n, device=pred2d.device, dtype=torch.float32)
     policy_err = torch.empty(n, device=pred2d.device, dtype=torch.float32)
     block_g = triton.next_power_of_2(group_size)
-    per_group = block_g * block_g if objective == "gpo-pairs" else block_g
+    per_group = block_g * block_g if spec.objective == "gpo-pairs" else block_g
     block_p = max(1, min(triton.next_power_of_2(n_groups), FINALIZE_TILE // per_group))
     block_c = max(1, min(triton.next_power_of_2(n_chunks), FINALIZE_TILE // (block_p * block_g)))
     _gpo_finalize_kernel[(1,)](
         partials, ref_err, rewards, loss, coef, policy_err,
-        n_groups, n_chunks, d, float(beta), float(eps_std), float(min_std),
-        G=group_size, OBJECTIVE=OBJECTIVE_IDS[objective],
+        n_groups, n_chunks, d, float(spec.beta), float(spec.eps_std), float(spec.min_std),
+        G=group_size, OBJECTIVE=OBJECTIVE_IDS[spec.objective],
         BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_C=block_c,
         num_warps=4 if block_p * block_g <= 256 else 8,
     )
@@ -158,14 +160,11 @@ def gpo_forward(
 
 class _GPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pred, target, ref_err, rewards, group_size, beta, objective, eps_std, min_std):
+    def forward(ctx, pred, target, ref_err, rewards, spec):
         n = pred.shape[0]
         pred2d = pred.contiguous().view(n, -1)
         target2d = target.contiguous().view(n, -1)
-        loss, coef, policy_err = gpo_forward(
-            pred2d, target2d, ref_err.contiguous(), rewards.contiguous(),
-            group_size, beta, objective, eps_std, min_std,
-        )
+        loss, coef, policy_err = gpo_forward(pred2d, target2d, ref_err.contiguous(), rewards.contiguous(), spec)
         ctx.save_for_backward(pred2d, target2d, coef)
         ctx.pred_shape = pred.shape
         ctx.mark_non_differentiable(policy_err)
@@ -176,10 +175,10 @@ class _GPOLoss(torch.autograd.Function):
         pred2d, target2d, coef = ctx.saved_tensors
         # autograd's engine runs CUDA backward on a thread already set to the tensors' device
         grad = scaled_diff(pred2d, target2d, coef, 2.0 / pred2d.shape[1], scalar_grad=grad_loss.contiguous())
-        return grad.view(ctx.pred_shape), None, None, None, None, None, None, None, None
+        return grad.view(ctx.pred_shape), None, None, None, None
 
 
-def gpo_loss_triton(pred, target, ref_err, rewards, *, group_size, beta, objective, eps_std, min_std):
+def gpo_loss_triton(pred, target, ref_err, rewards, spec: LossSpec):
     """(loss, policy_err) from the Triton kernels; arguments already checked by the caller."""
     with device_of(pred):  # Triton launches on the current CUDA device, not the tensor's
-        return _GPOLoss.apply(pred, target, ref_err, rewards, group_size, beta, objective, eps_std, min_std)
+        return _GPOLoss.apply(pred, target, ref_err, rewards, spec)

@@ -1,5 +1,6 @@
-"""The small commands: `gpo-fast config` prints a config that reloads to the same thing, and
-`gpo-fast prompts` writes a set that loads with disjoint splits."""
+"""The command line (gpo_fast.cli): `config` prints a config that reloads to the same thing, `prompts`
+writes a set that loads with disjoint splits, `eval` and `sample` use a run, and bad input anywhere is one
+sentence, exit code 2, no traceback."""
 
 import subprocess
 import sys
@@ -96,18 +97,22 @@ def test_out_of_memory_names_the_next_smaller_preset(vram, nxt, monkeypatch, tmp
     def oom(config, resume=None):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(cli, "_run_training", oom)
+    monkeypatch.setattr(cli, "_train_with_progress", oom)
     res = CliRunner().invoke(cli.app, ["train", "--preset", "sd35m-counting", "--vram", str(vram),
                                        "--out", str(tmp_path / "r")])
     assert res.exit_code == 2 and nxt in res.output and "Traceback" not in res.output
 
 
-@pytest.mark.parametrize("vram", [12, 16, 24])
-def test_vram_presets_resolve_to_valid_configs(vram):
-    from gpo_fast.config import VRAM_PRESETS
-
-    cfg = load_config(preset="sd35m-text", overrides=VRAM_PRESETS[vram])
-    assert cfg.rollout.group_size % 1 == 0 and cfg.rollout.group_size >= 2
-    assert cfg.train.micro_batch <= cfg.rollout.prompts * cfg.rollout.group_size
-    assert (cfg.model.quantize == "nf4") == (vram == 12)
-
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "train.lr=-1"], "train.lr"),
+    (["--set", "train.lrr=0.1"], "train.lrr"),
+    (["--set", "rollout.group_size=abc"], "rollout.group_size"),
+    (["--preset", "nope"], "preset"),
+    (["does-not-exist.toml"], "does-not-exist.toml"),
+])
+def test_config_errors_are_one_sentence_exit_2_no_traceback(args, needle, tmp_path):
+    out = subprocess.run([GPO_FAST, "train", *args, "--out", str(tmp_path / "r")], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert needle in out.stderr and "Traceback" not in out.stderr + out.stdout
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()  # nothing written

@@ -57,7 +57,7 @@ def _grads_in_rank(rank: int, world: int, port: int, out: str) -> None:
     dist = Dist.from_env()
     model, x0, prompts, rewards, cfg = _setup()
     mine = slice(rank * 8, (rank + 1) * 8)  # two groups of 4 per rank
-    from gpo_fast.train import gpo_update
+    from gpo_fast.update import gpo_update
 
     gpo_update(model, x0[mine], prompts[mine], rewards[mine], cfg, torch.Generator().manual_seed(3), dist)
     params = model.trainable_parameters()
@@ -69,7 +69,7 @@ def _grads_in_rank(rank: int, world: int, port: int, out: str) -> None:
 
 def _setup():
     from gpo_fast.config import load_config
-    from gpo_fast.models import ToyModel
+    from gpo_fast.toy.model import ToyModel
     from gpo_fast.toy.data import render_dots
 
     torch.manual_seed(0)
@@ -91,7 +91,7 @@ def _setup():
 def test_gradients_summed_over_two_processes_equal_the_one_process_gradient(tmp_path):
     import torch.multiprocessing as mp
 
-    from gpo_fast.train import gpo_update
+    from gpo_fast.update import gpo_update
 
     port = _free_port()
     mp.spawn(_grads_in_rank, args=(2, port, str(tmp_path / "g.pt")), nprocs=2, join=True)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from gpo_fast import components
 from gpo_fast import train as train_module
 from gpo_fast.config import load_config
 from gpo_fast.train import TrainingDiverged
@@ -50,7 +51,7 @@ def test_non_finite_updates_in_a_row_stop_the_run_in_one_sentence(monkeypatch, t
 def test_a_failed_reward_excludes_its_member_and_is_counted(monkeypatch, tmp_path):
     """The reward engine fails on member 1 of every group: the run goes on, the loss gets the NaN (which
     excludes the member, tests/test_objective.py), the failures are counted and the model still learns."""
-    real_build, seen = train_module.build_reward, []
+    real_build, seen = components.build_reward, []
 
     def build_reward(config, device):
         reward = real_build(config, device)
@@ -70,7 +71,7 @@ def test_a_failed_reward_excludes_its_member_and_is_counted(monkeypatch, tmp_pat
         seen.append(rewards.clone())
         return real_update(model, x0, prompts, rewards, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "build_reward", build_reward)
+    monkeypatch.setattr(components, "build_reward", build_reward)
     monkeypatch.setattr(train_module, "gpo_update", update)
     result = train_module.train(load_config(overrides=[*ARGS, "train.rollouts=3", f'out="{tmp_path}"']),
                                 log=lambda *a: None)

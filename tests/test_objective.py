@@ -1,4 +1,4 @@
-"""The plain-PyTorch reference (gpo_fast.objective) against method.md written out by hand."""
+"""The plain-PyTorch reference (gpo_fast.objective) against docs/method.md written out by hand."""
 
 import itertools
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpo_fast.objective import loss_from_errors, reference_gpo_loss, standardize_rewards
+from gpo_fast.objective import LossSpec, loss_from_errors, reference_gpo_loss, standardize_rewards
 
 
 def _by_hand(e, f, r, group_size, beta, objective, eps_std=1e-6, min_std=1e-6):
-    """method.md step 3-6 with Python loops over groups and pairs, float64."""
+    """docs/method.md step 3-6 with Python loops over groups and pairs, float64."""
     e, f, r = (t.double().tolist() for t in (e, f, r))
     sp = lambda z: float(F.softplus(torch.tensor(beta * z, dtype=torch.float64)))  # noqa: E731
     losses = []
@@ -71,7 +71,7 @@ def test_gpo_with_two_members_is_diffusion_dpo():
 
 def test_standardization_population_stats_and_degenerate_mask():
     r = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0])
-    adv, valid = standardize_rewards(r, 4)
+    adv, valid = standardize_rewards(r, LossSpec(group_size=4, beta=1.0))
     # group 0: mean 0.25, population std sqrt(3)/4
     expected = (torch.tensor([1.0, 0.0, 0.0, 0.0]) - 0.25) / (3**0.5 / 4 + 1e-6)
     torch.testing.assert_close(adv[0], expected)
@@ -102,13 +102,13 @@ def test_reference_gradcheck_float64(objective):
 
 
 def test_gpo_gradient_coefficient_matches_method():
-    """c = beta * sigmoid(beta * S) * A / n_groups (method.md, Gradient)."""
+    """c = beta * sigmoid(beta * S) * A / n_groups (docs/method.md, Gradient)."""
     e = torch.rand(6, dtype=torch.float64, requires_grad=True)
     f = torch.rand(6, dtype=torch.float64)
     r = torch.tensor([1.0, 0.0, 0.5, 0.2, 0.9, 0.9], dtype=torch.float64)
     beta = 3.0
     loss_from_errors(e, f, r, group_size=3, beta=beta).backward()
-    adv, _ = standardize_rewards(r, 3)
+    adv, _ = standardize_rewards(r, LossSpec(group_size=3, beta=beta))
     s = (adv * (e - f).detach().view(2, 3)).sum(1, keepdim=True)
     expected = (beta * torch.sigmoid(beta * s) * adv / 2).flatten()
     torch.testing.assert_close(e.grad, expected)
@@ -143,7 +143,7 @@ def test_a_nan_reward_excludes_its_member_exactly(objective):
 
 
 def test_standardization_skips_nan_members():
-    adv, valid = standardize_rewards(torch.tensor([1.0, NAN, 0.0, 0.0, NAN, NAN]), 3)
+    adv, valid = standardize_rewards(torch.tensor([1.0, NAN, 0.0, 0.0, NAN, NAN]), LossSpec(group_size=3, beta=1.0))
     expected = (torch.tensor([1.0, 0.0]) - 0.5) / (0.5 + 1e-6)
     torch.testing.assert_close(adv[0, [0, 2]], expected)
     assert adv[0, 1] == 0 and torch.isfinite(adv).all()

@@ -9,7 +9,7 @@ from gpo_fast.prompts import (
     Prompt, PromptFileError, counting_prompts, item_key, load_prompts, load_words, make_prompt_set,
     parse_counting_prompt, split_prompts, text_prompts, write_jsonl,
 )
-from gpo_fast.rewards.vocab import COCO_CLASSES, MAX_COUNT, canonical, noun_phrase, plural, singular
+from gpo_fast.language import COCO_CLASSES, MAX_COUNT, canonical, noun_phrase, plural, singular
 
 # ------------------------------------------------------------------------------------------- vocabulary
 

@@ -198,15 +198,6 @@ def test_a_config_edited_by_hand_since_the_checkpoint_is_refused(tmp_path):
     assert (run / "config.toml").read_text() == edited  # nothing was rewritten
 
 
-def test_train_rollouts_changes_the_math_only_under_the_cosine_schedule():
-    from gpo_fast.config import load_config, resume_conflicts
-
-    for schedule, expected in (("constant", []), ("cosine", ["train.rollouts"])):
-        old = load_config(overrides=[f'train.lr_schedule="{schedule}"', "train.rollouts=10"])
-        new = load_config(overrides=[f'train.lr_schedule="{schedule}"', "train.rollouts=20", "train.keep_checkpoints=5"])
-        assert resume_conflicts(old, new) == expected
-
-
 def test_validation_switched_on_at_a_resume(tmp_path):
     """eval.every may change on resume, also from 0 (no best snapshot in the checkpoint) to validating."""
     run = tmp_path / "run"

@@ -17,12 +17,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from gpo_fast.prompts import Prompt
+from gpo_fast.language import COCO_CLASSES, Prompt, normalize
 from gpo_fast.rewards.base import RewardEngineError, RewardResult, to_uint8_rgb
 from gpo_fast.rewards.composite import WeightedReward
 from gpo_fast.rewards.counting import YoloCountReward, count_reward, detector_class_ids
-from gpo_fast.rewards.text import OcrTextReward, levenshtein, normalize, text_correct, text_reward
-from gpo_fast.rewards.vocab import COCO_CLASSES
+from gpo_fast.rewards.text import OcrTextReward, levenshtein, text_correct, text_reward
 
 COCO = dict(enumerate(COCO_CLASSES))
 CAT, DOG, PERSON = 15, 16, 0
@@ -108,7 +107,6 @@ def test_yolo_from_yaml_runs_offline(offline):
     assert res.correct.dtype == torch.bool and res.correct.shape == (3,)
     assert [d["n"] for d in res.details] == [1, 2, 3] and all(isinstance(d["count"], int) for d in res.details)
     assert reward.names[CAT] == "cat"  # an unnamed 80-class model is taken as COCO
-    assert torch.equal(reward.score(images, prompts), res.reward)
     assert offline.hosts[before:] == []  # nothing tried the network
     fonts = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics"  # copied there, so nothing downloads Arial
     assert (fonts / "Arial.ttf").is_file() and (fonts / "Arial.Unicode.ttf").is_file()
@@ -278,9 +276,6 @@ class Fixed:
     def measure(self, images, prompts):
         return self.result
 
-    def score(self, images, prompts):
-        return self.result.reward
-
 
 def test_weighted_reward():
     a = Fixed([1.0, 0.0, 1.0, float("nan")], [True, False, True, False])
@@ -291,7 +286,6 @@ def test_weighted_reward():
     assert math.isnan(res.reward[3])  # a failed member makes the mix unknown
     assert res.correct.tolist() == [False, False, True, False]
     assert res.details[0]["parts"] == [{"r": 1.0}, {"r": 0.5}]
-    assert torch.allclose(mix.score(torch.zeros(4, 3, 2, 2), [text_prompt("x")] * 4)[:3], res.reward[:3])
     only_b = WeightedReward([(a, 0.0), (b, 2.0)])  # weight 0: left out, also of `correct`
     assert only_b.measure(torch.zeros(4, 3, 2, 2), [text_prompt("x")] * 4).correct.tolist() == [False, True, True, True]
     for bad in ([], [(a, 0.0)], [(a, -1.0)], [(a, float("inf"))], [(a, float("nan"))]):

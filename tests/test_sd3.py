@@ -79,11 +79,11 @@ class _BrightnessReward:
 
 
 def test_two_gpo_steps_then_the_pipeline_loads_the_adapter_and_draws_the_same(tiny_sd3, tmp_path, monkeypatch):
-    from gpo_fast import train as train_module
+    from gpo_fast import components
     from gpo_fast.config import load_config
     from gpo_fast.train import train
 
-    monkeypatch.setattr(train_module, "build_reward", lambda config, device: _BrightnessReward())
+    monkeypatch.setattr(components, "build_reward", lambda config, device: _BrightnessReward())
     cfg = load_config(preset="sd35m-counting", overrides=[
         f'model.path="{tiny_sd3}"', f"model.resolution={IMAGE_SIZE}", 'model.t5="off"', f'out="{tmp_path / "run"}"',
         "lora.rank=4", "lora.alpha=8.0",  # alpha != rank: the file must carry it
@@ -133,7 +133,7 @@ def test_lora_on_an_nf4_base_trains_only_the_adapter(tiny_sd3, tmp_path):
 
     from gpo_fast.config import load_config
     from gpo_fast.models.sd3 import SD3_LORA_TARGETS
-    from gpo_fast.train import gpo_update, make_optimizer
+    from gpo_fast.update import gpo_update, make_optimizer
 
     def nf4_model():
         m = SD3Model.from_pretrained(str(tiny_sd3), resolution=IMAGE_SIZE, t5="off")

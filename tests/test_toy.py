@@ -1,4 +1,4 @@
-"""The toy world: data, reward, model, sampler and pretraining (shared/design/toy-world.md)."""
+"""The toy world: data, reward, model, sampler and pretraining (docs/toy-world.md)."""
 
 import hashlib
 import json
@@ -6,11 +6,10 @@ import json
 import pytest
 import torch
 
-from gpo_fast.evaluate import evaluate_toy
-from gpo_fast.models import ToyModel
-from gpo_fast.models.toy import SHIPPED
-from gpo_fast.rewards import DotCountReward, count_dots
-from gpo_fast.sampling import rollout, sample
+from gpo_fast.toy.evaluate import evaluate_toy
+from gpo_fast.toy.model import SHIPPED, ToyModel
+from gpo_fast.toy.reward import DotCountReward, count_dots
+from gpo_fast.sampling import sample
 from gpo_fast.toy.data import MAX_DOTS, count_in_prompt, render_dots
 from gpo_fast.toy.pretrain import PretrainConfig, noisy_captions, pretrain
 
@@ -41,9 +40,9 @@ def test_reward_strict_lenient_and_partial():
     images[0, 0, 4, 4] = 1.0  # diagonal contact joins a pixel to the first dot (8-connectivity)
     assert count_dots(images).tolist() == [2, 3]
     assert count_dots(images, min_size=5).tolist() == [2, 2]
-    assert DotCountReward().score(images, ["two dots", "2 dots"]).tolist() == [1.0, 0.0]
-    assert DotCountReward(min_size=5).score(images, ["two dots", "2 dots"]).tolist() == [1.0, 1.0]
-    partial = DotCountReward(partial_credit=True).score(images, ["four dots", "two dots"])
+    assert DotCountReward().measure(images, ["two dots", "2 dots"]).reward.tolist() == [1.0, 0.0]
+    assert DotCountReward(min_size=5).measure(images, ["two dots", "2 dots"]).reward.tolist() == [1.0, 1.0]
+    partial = DotCountReward(partial_credit=True).measure(images, ["four dots", "two dots"]).reward
     assert partial.tolist() == pytest.approx([0.5, 0.5])  # 1 - |2 - 4| / 4 and 1 - |3 - 2| / 2
 
 
@@ -90,24 +89,6 @@ def test_missing_model_folder_says_how_to_make_one(tmp_path):
 def test_unknown_prompt_is_rejected_by_the_toy_model():
     with pytest.raises(ValueError, match="'six dots'"):
         ToyModel().encode_prompts(["six dots"])
-
-
-def test_sampling_is_seeded_and_guidance_changes_it():
-    model = ToyModel()
-    prompts = ["one dot", "three dots"]
-    a = sample(model, prompts, steps=3, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
-    b = sample(model, prompts, steps=3, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
-    c = sample(model, prompts, steps=3, cfg_scale=1.0, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-
-
-def test_rollout_groups_are_contiguous_with_their_own_noise():
-    model = ToyModel()
-    per_sample, latents, images = rollout(model, ["one dot", "two dots"], 3, steps=2, cfg_scale=2.0,
-                                          generator=torch.Generator().manual_seed(0))
-    assert per_sample == ["one dot"] * 3 + ["two dots"] * 3
-    assert latents.shape == (6, 1, 16, 16) and images.min() >= -1 and images.max() <= 1
-    assert not torch.equal(latents[0], latents[1])
 
 
 def test_shipped_base_model_matches_its_manifest_and_draws_clean_dots():

@@ -19,6 +19,8 @@ from typing import Protocol
 
 import torch
 
+from gpo_fast.errors import InputError, MissingFileError
+
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: pipe.load_lora_weights(folder) finds it
 
 
@@ -37,9 +39,6 @@ class PromptEmbeds:
 
     def to(self, *args, **kwargs) -> "PromptEmbeds":
         return PromptEmbeds(self.hidden.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
-
-    def repeat_interleave(self, k: int) -> "PromptEmbeds":
-        return PromptEmbeds(self.hidden.repeat_interleave(k, 0), self.pooled.repeat_interleave(k, 0))
 
     @staticmethod
     def cat(parts: list["PromptEmbeds"]) -> "PromptEmbeds":
@@ -81,7 +80,7 @@ class AdapterMixin:
                 LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian")
             )
         except ValueError as e:  # peft: "Target modules {...} not found in the base model"
-            raise ValueError(f"lora.targets: {e}") from None
+            raise InputError(f"lora.targets: {e}") from None
         finally:
             diffusers_logging.set_verbosity(level)
         # peft keeps the LoRA weights in the base weights' dtype; train them in float32 (bf16 Adam
@@ -146,6 +145,6 @@ class AdapterMixin:
         """Load an adapter written by save_adapter (or any SD3 LoRA in diffusers' format)."""
         path = Path(directory) / ADAPTER_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"no adapter in {directory} (expected {ADAPTER_FILE}); "
+            raise MissingFileError(f"no adapter in {directory} (expected {ADAPTER_FILE}); "
                                     "pass the `adapter` folder of a finished run")
         self.transformer.load_lora_adapter(str(directory), weight_name=ADAPTER_FILE, prefix="transformer")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from gpo_fast.errors import InputError, UserError
 from gpo_fast.models.base import AdapterMixin, PromptEmbeds
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
@@ -31,7 +32,7 @@ SD3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_pro
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError):
     """A model that cannot be loaded, phrased for the user: what is wrong and what to do."""
 
 
@@ -54,7 +55,7 @@ class SD3Model(AdapterMixin, torch.nn.Module):
         self._device = torch.device(device)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if resolution % (self.vae_scale * self.transformer.config.patch_size):
-            raise ValueError(f"model.resolution {resolution} must be a multiple of "
+            raise InputError(f"model.resolution {resolution} must be a multiple of "
                              f"{self.vae_scale * self.transformer.config.patch_size} for this model")
         side = resolution // self.vae_scale
         self.latent_shape = (self.transformer.config.in_channels, side, side)
@@ -236,13 +237,6 @@ class SD3Model(AdapterMixin, torch.nn.Module):
         c = self.vae.config
         z = latents.to(self.vae.dtype) / c.scaling_factor + (c.shift_factor or 0.0)
         return self.vae.decode(z, return_dict=False)[0].float().clamp(-1.0, 1.0)
-
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] to latents (the mode of the VAE's posterior), for tests and warm starts."""
-        c = self.vae.config
-        z = self.vae.encode(images.to(self._device, self.vae.dtype)).latent_dist.mode()
-        return ((z - (c.shift_factor or 0.0)) * c.scaling_factor).float()
 
 
 def _move(module: torch.nn.Module, device) -> None:

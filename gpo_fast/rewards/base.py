@@ -16,8 +16,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from gpo_fast.errors import UserError
 
-class RewardEngineError(RuntimeError):
+
+class RewardEngineError(UserError):
     """The reward's model (detector weights, OCR weights) cannot be loaded; the message says how to fix it."""
 
 
@@ -29,8 +31,6 @@ class RewardResult:
 
 
 class Reward(Protocol):
-    def score(self, images: torch.Tensor, prompts: list) -> torch.Tensor: ...
-
     def measure(self, images: torch.Tensor, prompts: list) -> RewardResult: ...
 
 

@@ -41,6 +41,3 @@ class WeightedReward:
         details = [{"rewards": [float(res.reward[b]) for res in results], "parts": [res.details[b] for res in results]}
                    for b in range(len(prompts))]
         return RewardResult(reward, correct, details)
-
-    def score(self, images: torch.Tensor, prompts: list) -> torch.Tensor:
-        return self.measure(images, prompts).reward

@@ -2,7 +2,7 @@
 
 count = number of detections of the prompt's class with confidence >= conf
 reward = 1 if count == n else 0; with partial credit, max(0, 1 - |count - n| / n). correct = (count == n).
-The prompt's class maps to the detector's own class names through gpo_fast.rewards.vocab (exact name,
+The prompt's class maps to the detector's own class names through gpo_fast.language (exact name,
 singular/plural, synonyms). A detector whose names are ultralytics' defaults '0'..'79' (a model built from a
 .yaml) is taken to be in COCO order. An image the detector fails on gets reward NaN and correct False.
 
@@ -26,15 +26,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 
+from gpo_fast.errors import InputError
+from gpo_fast.language import COCO_CLASSES, Prompt, canonical, singular
 from gpo_fast.rewards.base import RewardEngineError, RewardResult, check_batch, to_uint8_rgb
-from gpo_fast.rewards.vocab import COCO_CLASSES, canonical, singular
-
-if TYPE_CHECKING:
-    from gpo_fast.prompts import Prompt
 
 
 def configure_ultralytics() -> Path:
@@ -72,7 +68,7 @@ def detector_class_ids(cls: str, names: dict[int, str]) -> set[int]:
         ids = {i for i, nm in names.items() if want is not None and canonical(nm) == want}
     if not ids:
         shown = ", ".join(list(names.values())[:20]) + (", ..." if len(names) > 20 else "")
-        raise ValueError(
+        raise InputError(
             f"class {cls!r} is not one of the detector's classes ({shown}); use a prompt set made for this "
             f"detector's classes or a detector that has {cls!r}")
     return ids
@@ -82,7 +78,7 @@ def count_reward(det_classes: list[int], det_confs: list[float], names: dict[int
                  conf_threshold: float, partial_credit: bool) -> tuple[float, int]:
     """(reward, count) for one image's detections (class ids and confidences)."""
     if prompt.cls is None or prompt.n is None:
-        raise ValueError(f"prompt {prompt.text!r} has no class or no n; counting prompts need both")
+        raise InputError(f"prompt {prompt.text!r} has no class or no n; counting prompts need both")
     ids = detector_class_ids(prompt.cls, names)
     count = sum(1 for c, p in zip(det_classes, det_confs) if int(c) in ids and p >= conf_threshold)
     if partial_credit:
@@ -156,7 +152,7 @@ class YoloCountReward:
         check_batch(images, prompts)
         for p in prompts:
             if p.cls is None or p.n is None:
-                raise ValueError(f"prompt {p.text!r} has no class or no n; counting prompts need both")
+                raise InputError(f"prompt {p.text!r} has no class or no n; counting prompts need both")
         self.load()  # engine errors (missing weights) raise here, before any image is scored
         for cls in {p.cls for p in prompts}:
             detector_class_ids(cls, self.names)  # a class the detector lacks is wrong input: raise now
@@ -185,6 +181,3 @@ class YoloCountReward:
             details.append({"class": p.cls, "n": p.n, "count": count})
         return RewardResult(torch.tensor(rewards, dtype=torch.float32), torch.tensor(correct, dtype=torch.bool),
                             details)
-
-    def score(self, images: torch.Tensor, prompts: list[Prompt]) -> torch.Tensor:
-        return self.measure(images, prompts).reward

@@ -1,6 +1,6 @@
 """Text-rendering reward: read the image with easyocr and compare the reading with the prompt's target text.
 
-normalize(s): lower-case, keep letters and digits only (spaces and punctuation dropped).
+normalize(s) (gpo_fast.language): lower-case, letters and digits only (spaces and punctuation dropped).
 With r = normalize(reading) and t = normalize(target):
     reward  = 1                                       if t is a substring of r
             = max(0, 1 - levenshtein(r, t) / len(t))  otherwise
@@ -21,23 +21,17 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
+from gpo_fast.errors import InputError
+from gpo_fast.language import Prompt, normalize
 from gpo_fast.rewards.base import RewardEngineError, RewardResult, check_batch, to_uint8_rgb
-
-if TYPE_CHECKING:
-    from gpo_fast.prompts import Prompt
 
 # easyocr's detector and English recogniser files
 DETECTOR_FILE = "craft_mlt_25k.pth"
 ENGLISH_FILE = "english_g2.pth"
-
-
-def normalize(s: str) -> str:
-    """Lower-case letters and digits only: 'Hello, World!' -> 'helloworld'."""
-    return "".join(ch for ch in s.lower() if ch.isalnum())
 
 
 def levenshtein(a: str, b: str) -> int:
@@ -151,7 +145,7 @@ class OcrTextReward:
         check_batch(images, prompts)
         for p in prompts:
             if not getattr(p, "target", None) or not normalize(p.target):
-                raise ValueError(f"prompt {getattr(p, 'text', p)!r} has no target text; text prompts need 'text'")
+                raise InputError(f"prompt {getattr(p, 'text', p)!r} has no target text; text prompts need 'text'")
         self.load()  # engine errors (missing weights) raise here, before any image is read
         rewards, correct, details = [], [], []
         for img, p in zip(to_uint8_rgb(images), prompts):
@@ -167,6 +161,3 @@ class OcrTextReward:
             details.append({"target": p.target, "reading": reading})
         return RewardResult(torch.tensor(rewards, dtype=torch.float32), torch.tensor(correct, dtype=torch.bool),
                             details)
-
-    def score(self, images: torch.Tensor, prompts: list[Prompt]) -> torch.Tensor:
-        return self.measure(images, prompts).reward

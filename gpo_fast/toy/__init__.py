@@ -1,1 +1,1 @@
-"""The toy world: a CPU-sized dot-counting task where the whole GPO loop runs (shared/design/toy-world.md)."""
+"""The toy world: a CPU-sized dot-counting task where the whole GPO loop runs (docs/toy-world.md)."""

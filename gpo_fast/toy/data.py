@@ -11,6 +11,8 @@ import re
 
 import torch
 
+from gpo_fast.errors import InputError
+
 IMAGE_SIZE = 16
 DOT = 3
 MAX_DOTS = 5
@@ -34,7 +36,7 @@ def count_in_prompt(prompt: str) -> int:
     """The number a toy prompt asks for; ValueError with the prompt when it is not 'N dots'."""
     m = _PROMPT_RE.match(prompt)
     if not m:
-        raise ValueError(f"cannot read a dot count from prompt {prompt!r}; toy prompts look like 'three dots' or '3 dots'")
+        raise InputError(f"cannot read a dot count from prompt {prompt!r}; toy prompts look like 'three dots' or '3 dots'")
     word = m.group(1).lower()
     return int(word) if word.isdigit() else NUMBER_WORDS.index(word) + 1
 

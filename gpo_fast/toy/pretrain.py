@@ -1,6 +1,6 @@
 """Pretraining the toy base model: ordinary flow matching on synthetic dot images with noisy captions.
 
-The regime to reproduce (shared/design/toy-world.md): a fluent drawer and a mediocre counter, the way
+The regime to reproduce (docs/toy-world.md): a fluent drawer and a mediocre counter, the way
 SD3.5 draws objects well and counts them badly. A fraction `caption_noise` of the images is captioned
 with n +- 1, so the model learns clean dots and only a loose link between the number and the count.
 Noise levels are logit-normal, 10% of captions are dropped (guidance), the shipped weights are an EMA.
@@ -9,14 +9,18 @@ Deterministic for a seed on a given machine and thread count.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from gpo_fast.models.toy import ToyModel, ToyModelConfig
+from gpo_fast.toy.model import ToyModel, ToyModelConfig
 from gpo_fast.toy.data import MAX_DOTS, PROMPTS, prompt_for, render_dots
+from gpo_fast.toy.evaluate import evaluate_toy
 
 
 @dataclass
@@ -77,3 +81,29 @@ def pretrain(config: PretrainConfig, progress=None) -> tuple[ToyModel, list[floa
         if progress is not None:
             progress(step, loss.item())
     return ema, losses
+
+
+def pretrain_and_save(config: PretrainConfig, out: Path, eval_samples: int = 1000, command: str = "",
+                      progress=None, log=print) -> dict:
+    """Pretrain, evaluate on held-out seeds and write out/model.safetensors with its manifest out/model.json
+    (the config, this command, the held-out accuracy, the weights' sha256). Returns the manifest."""
+    start = time.time()
+    model, losses = pretrain(config, progress=progress)
+    train_seconds = time.time() - start
+    log(f"evaluating on {eval_samples} held-out samples ...")
+    metrics, _ = evaluate_toy(model, n_samples=eval_samples)
+    manifest = {
+        "command": command,
+        "pretrain": vars(config),
+        "final_loss_mean_last_100": sum(losses[-100:]) / len(losses[-100:]),
+        "train_seconds": round(train_seconds, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "eval": metrics,
+    }
+    weights = model.save_pretrained(out, manifest)
+    manifest["sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    meta = json.loads((out / "model.json").read_text())
+    meta.update(sha256=manifest["sha256"])
+    (out / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return manifest

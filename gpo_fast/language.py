@@ -1,5 +1,8 @@
-"""Counting vocabulary shared by the prompt sets and the counting reward.
+"""The words prompts and rewards share, below both: the Prompt record, text normalization, and the
+counting vocabulary.
 
+- Prompt: what one image was asked to show (its text, task, and the class and count or the word).
+- normalize(s): how text is compared: lower-case, letters and digits only.
 - COCO_CLASSES: the 80 COCO class names in ultralytics' order (id 0 "person" ... id 79 "toothbrush").
 - plural(name) / singular(word): English plurals. Regular rules (+es after s, x, z, ch, sh; consonant+y ->
   ies; else +s) on the last word of a phrase, plus a table of irregulars. Class names that are already
@@ -13,6 +16,22 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    task: str  # "counting" | "text" | "toy"
+    cls: str | None = None  # detector class name, counting
+    n: int | None = None  # wanted count
+    target: str | None = None  # text to render
+
+
+def normalize(s: str) -> str:
+    """Lower-case letters and digits only: 'Hello, World!' -> 'helloworld'."""
+    return "".join(ch for ch in s.lower() if ch.isalnum())
+
 
 COCO_CLASSES = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",

@@ -1,0 +1,123 @@
+"""One GPO update: noise shared within each group, the reference's errors, the policy pass, the fused loss,
+backward (docs/method.md). The optimizer and its learning-rate schedule are made here too.
+
+    one noise level s_p and one noise eps_p per group, shared by its G members
+    x_s = (1 - s) x0 + s eps, u = eps - x0
+    ref_err = sample_mse(reference(x_s), u)      under no_grad, adapter disabled, freed at once
+    loss = gpo_loss(policy(x_s), u, ref_err, rewards, spec)   -> backward
+
+Group-exact micro-batching (train.micro_batch < N): all policy errors first without grad, the
+coefficients c = dL/de from them (gpo_fast.kernels.loss_coefficients), then forward + backward per
+micro-batch on sum(c * e) with c fixed: the same gradient as the whole batch at once, for one extra forward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gpo_fast.config import Config, TrainSection
+from gpo_fast.kernels import LossSpec, gpo_loss, loss_coefficients, sample_mse, valid_groups
+from gpo_fast.models.base import DiffusionModel
+
+
+def loss_spec(config: Config) -> LossSpec:
+    """The loss contract of a config: every key that defines the loss, in one object."""
+    t = config.train
+    return LossSpec(group_size=config.rollout.group_size, beta=t.beta, objective=t.objective, eps_std=t.eps_std,
+                    min_std=t.min_std)
+
+
+def draw_sigmas(n: int, train: TrainSection, schedule: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(n,) noise levels in [sigma_min, sigma_max] from the configured distribution; `schedule` is the
+    sampler's (steps + 1,) noise levels, used by sigma_dist = "schedule"."""
+    if train.sigma_dist == "logit-normal":
+        s = torch.sigmoid(torch.randn(n, generator=generator))
+    elif train.sigma_dist == "uniform":
+        s = torch.rand(n, generator=generator)
+    else:  # the sampler's own noise levels
+        grid = schedule[:-1].float().cpu()
+        s = grid[torch.randint(0, len(grid), (n,), generator=generator)]
+    return s.clamp(train.sigma_min, train.sigma_max)
+
+
+def group_noise(x0: torch.Tensor, group_size: int, train: TrainSection, schedule: torch.Tensor,
+                generator: torch.Generator, shard: tuple[int, int] = (0, 1)):
+    """x_s, u and s per sample, with s and eps shared within each group (members differ only by x0).
+    shard = (rank, world): x0 holds this rank's groups; all ranks draw every group's noise, keep theirs."""
+    rank, world = shard
+    n_groups = x0.shape[0] // group_size
+    every_s = draw_sigmas(n_groups * world, train, schedule, generator)
+    every_eps = torch.randn((n_groups * world, *x0.shape[1:]), generator=generator)
+    mine = slice(rank * n_groups, (rank + 1) * n_groups)
+    s = every_s[mine].repeat_interleave(group_size).to(x0.device)
+    eps = every_eps[mine].repeat_interleave(group_size, 0).to(x0.device)
+    s_ = s.view(-1, *[1] * (x0.dim() - 1))
+    return (1 - s_) * x0 + s_ * eps, eps - x0, s
+
+
+def implicit_reward_accuracy(d: torch.Tensor, rewards: torch.Tensor, group_size: int) -> float:
+    """Fraction of ordered pairs r_i > r_j within groups where the policy prefers i (d_i < d_j)."""
+    d, rewards = d.view(-1, group_size), rewards.view(-1, group_size)
+    ok = torch.isfinite(rewards)  # an excluded member is in no pair
+    better = ok[:, :, None] & ok[:, None, :] & (rewards[:, :, None] > rewards[:, None, :])
+    n = better.sum().item()
+    return float("nan") if n == 0 else ((d[:, :, None] < d[:, None, :]) & better).sum().item() / n
+
+
+def degenerate_fraction(rewards: torch.Tensor, spec: LossSpec) -> float:
+    """Fraction of groups without loss: all finite rewards equal (or fewer than two finite)."""
+    return (~valid_groups(rewards, spec)).float().mean().item()
+
+
+def make_optimizer(params, train: TrainSection):
+    if train.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=train.lr, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0)
+
+
+def make_schedule(opt, train: TrainSection, total_updates: int):
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / train.warmup_updates) if train.warmup_updates else 1.0
+        if train.lr_schedule == "cosine":
+            return warm * 0.5 * (1 + math.cos(math.pi * min(step, total_updates) / total_updates))
+        return warm
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def gpo_update(model: DiffusionModel, x0, prompts: list[str], rewards, config: Config, generator, dist=None) -> dict:
+    """One inner update's forward and backward (no optimizer step). Returns per-update stats.
+
+    With several processes (`dist`), the loss is scaled by this rank's share of the non-degenerate
+    groups, so that gradients summed across ranks are those of the one-process loss."""
+    spec = loss_spec(config)
+    shard = (dist.rank, dist.world) if dist is not None else (0, 1)
+    x_s, u, s = group_noise(x0, spec.group_size, config.train, model.schedule(config.rollout.steps), generator,
+                            shard)
+    scale = 1.0
+    if dist is not None and dist.world > 1:
+        valid = valid_groups(rewards, spec).sum().float()
+        scale = (valid / dist.sum(valid).clamp(min=1.0)).item()
+    embeds = model.encode_prompts(prompts)
+    n = x0.shape[0]
+    mb = config.train.micro_batch if 0 < config.train.micro_batch < n else n
+    chunks = [slice(i, i + mb) for i in range(0, n, mb)]
+    with torch.no_grad(), model.reference() as reference:  # each reference prediction dies at once
+        ref_err = torch.cat([sample_mse(reference.predict(x_s[c], s[c], embeds[c]), u[c]) for c in chunks])
+    if mb == n:
+        loss, policy_err = gpo_loss(model.predict(x_s, s, embeds), u, ref_err, rewards, spec, return_policy_err=True)
+        (loss * scale).backward()
+    else:
+        with torch.no_grad():
+            policy_err = torch.cat([sample_mse(model.predict(x_s[c], s[c], embeds[c]), u[c]) for c in chunks])
+        loss, coef = loss_coefficients(policy_err, ref_err, rewards, spec)
+        for c in chunks:
+            pred = model.predict(x_s[c], s[c], embeds[c])
+            (scale * coef[c] * sample_mse(pred, u[c])).sum().backward()
+    d = policy_err - ref_err
+    return {"loss": loss.item() * scale, "mean_abs_d": d.abs().mean().item(),
+            "implicit_acc": implicit_reward_accuracy(d, rewards, spec.group_size)}

@@ -1,0 +1,134 @@
+"""One GPO update (gpo_fast.update): group-exact micro-batching, the reference pass, learning, the
+loss contract read from the config, the logged statistics."""
+
+import math
+
+import pytest
+import torch
+
+from gpo_fast.config import load_config
+from gpo_fast.kernels import LossSpec, sample_mse
+from gpo_fast.toy.data import render_dots
+from gpo_fast.toy.model import ToyModel
+from gpo_fast.update import degenerate_fraction, gpo_update, group_noise, implicit_reward_accuracy, loss_spec
+
+LORA = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+def _lora_model(seed=0, perturb=True):
+    torch.manual_seed(seed)
+    model = ToyModel()
+    model.add_lora(4, 4.0, LORA)
+    if perturb:  # a nonzero adapter, so every LoRA matrix gets a gradient
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.05)
+    return model
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = render_dots([1, 2, 3, 2, 3, 3, 1, 2], g)
+    prompts = ["two dots"] * 4 + ["three dots"] * 4
+    rewards = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+    return x0, prompts, rewards
+
+
+def _grads(model, micro_batch, objective="gpo"):
+    cfg = load_config(overrides=[f"train.micro_batch={micro_batch}", "rollout.group_size=4",
+                                 f"train.objective=\"{objective}\"", "train.beta=50"])
+    x0, prompts, rewards = _batch()
+    model.zero_grad(set_to_none=True)
+    gpo_update(model, x0, prompts, rewards, cfg, torch.Generator().manual_seed(5))
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("objective", ["gpo", "gpo-pairs", "dpo"])
+def test_group_exact_micro_batching_gives_the_full_batch_gradient(objective):
+    model = _lora_model()
+    full = _grads(model, 0, objective)
+    split = _grads(model, 3, objective)  # micro-batches of 3 cut through both groups
+    assert any(g.abs().max() > 0 for g in full.values())
+    for name in full:
+        torch.testing.assert_close(split[name], full[name], rtol=1e-4, atol=1e-5 * full[name].abs().max().item())
+
+
+def test_reference_pass_is_the_base_model():
+    torch.manual_seed(0)
+    base = ToyModel()
+    model = ToyModel()
+    model.load_state_dict(base.state_dict())
+    model.add_lora(4, 4.0, LORA)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    x = torch.randn(4, 1, 16, 16)
+    sigma = torch.tensor(0.4)
+    emb = model.encode_prompts(["one dot", "2 dots", "", "five dots"])
+    with torch.no_grad():
+        expected = base.predict(x, sigma, base.encode_prompts(["one dot", "2 dots", "", "five dots"]))
+        policy = model.predict(x, sigma, emb)
+        with model.reference():
+            ref = model.predict(x, sigma, emb)
+    assert not torch.allclose(policy, expected)  # the adapter does change the policy
+    torch.testing.assert_close(ref, expected, rtol=0, atol=0)
+    torch.testing.assert_close(model.predict(x, sigma, emb), policy, rtol=0, atol=0)  # adapter back on
+
+
+def test_gpo_raises_the_implicit_reward_of_high_reward_samples():
+    """-d = f - e: after a few seeded updates the policy explains the winners better than the losers."""
+    model = _lora_model(perturb=False)
+    cfg = load_config(overrides=["rollout.group_size=4", "train.beta=50"])
+    x0, prompts, rewards = _batch()
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
+
+    def margin():
+        g = torch.Generator().manual_seed(123)
+        out = []
+        with torch.no_grad():
+            for _ in range(8):
+                x_s, u, s = group_noise(x0, 4, cfg.train, model.schedule(8), g)
+                emb = model.encode_prompts(prompts)
+                e = sample_mse(model.predict(x_s, s, emb), u)
+                with model.reference():
+                    f = sample_mse(model.predict(x_s, s, emb), u)
+                out.append(f - e)
+        implicit = torch.stack(out).mean(0)
+        return (implicit[rewards == 1].mean() - implicit[rewards == 0].mean()).item()
+
+    assert margin() == 0.0  # LoRA starts at B = 0: policy == reference
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(15):
+        opt.zero_grad(set_to_none=True)
+        gpo_update(model, x0, prompts, rewards, cfg, gen)
+        opt.step()
+    assert margin() > 1e-4
+
+
+def test_the_loss_contract_is_read_from_the_config():
+    config = load_config(overrides=["rollout.group_size=6", "train.beta=20", 'train.objective="dpo"',
+                                    "train.eps_std=0.01", "train.min_std=0.001"])
+    assert loss_spec(config) == LossSpec(group_size=6, beta=20.0, objective="dpo", eps_std=0.01, min_std=0.001)
+
+
+def test_group_noise_is_shared_within_a_group_and_differs_between_groups():
+    config = load_config()
+    x0 = torch.randn(8, 1, 16, 16)
+    x_s, u, s = group_noise(x0, 4, config.train, torch.linspace(1, 0, 9), torch.Generator().manual_seed(0))
+    eps = u + x0
+    assert torch.equal(s[:4], s[:1].expand(4)) and s[0] != s[4]
+    torch.testing.assert_close(eps[:4], eps[:1].expand(4, -1, -1, -1))
+    assert not torch.allclose(eps[0], eps[4])
+    torch.testing.assert_close(x_s, (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps)
+    assert ((s >= config.train.sigma_min) & (s <= config.train.sigma_max)).all()
+
+
+def test_implicit_reward_accuracy_and_degenerate_fraction_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.3, 0.3, 0.3])  # the second group is degenerate
+    d = torch.tensor([-1.0, 1.0, 2.0, 0.0, 0.0, 0.0])
+    # pairs of group 1: (0 > 1) preferred, (0 > 2) preferred, (2 > 1) not: 2 of 3; group 2 has no pair
+    assert implicit_reward_accuracy(d, rewards, 3) == pytest.approx(2 / 3)
+    assert degenerate_fraction(rewards, LossSpec(group_size=3, beta=1.0)) == 0.5
+    assert math.isnan(implicit_reward_accuracy(d, torch.full((6,), 0.3), 3))
