@@ -7,12 +7,17 @@ stderr and exit code 2 (with --debug, the traceback), for every command, in one 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 from typer.core import TyperCommand
+
+# bitsandbytes (imported by diffusers) warns on every CPU with AVX512-BF16 that an optional CPU 4-bit kernel
+# package is missing; gpo-fast runs no 4-bit matmul on the CPU, so that line would only bury the real output
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 class _Command(TyperCommand):

@@ -120,6 +120,10 @@ def _quantize_nf4(module):
             q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4")
             if child.bias is not None:
                 q.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
+            # bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel at the first no-grad forward
+            # (it needs out_features % 32 == 0, which the tiny model lacks); the GPU route this test stands for
+            # never repacks, so keep the portable CPU path on every processor
+            q.support_avx512bf16_for_cpu = False
             setattr(module, name, q.to("cpu"))  # quantizes the weight
         else:
             _quantize_nf4(child)
