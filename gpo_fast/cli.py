@@ -71,7 +71,7 @@ def train_cmd(
                                    help="Override one key, e.g. --set train.lr=1e-3 (repeatable; value in TOML syntax)."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default: the config's `out`, runs/gpo-toy)."),
     seed: Optional[int] = typer.Option(None, help="Seed of the rollouts, the noise and the adapter's init."),
-    vram: Optional[int] = typer.Option(None, help="SD3 on a card of 12, 16 or 24 GB: resolution, group size, "
+    vram: Optional[int] = typer.Option(None, help="SD3 on a card of 8, 12, 16 or 24 GB: resolution, group size, "
                                                   "micro-batch and quantization that fit it (before --set)."),
     resume: Optional[str] = typer.Option(None, metavar="RUN_DIR|latest",
                                          help="Continue a run exactly from its last checkpoint (its config.toml; "
@@ -240,6 +240,40 @@ def sample_cmd(
         _fail(f"--adapter {adapter} does not exist; pass a run folder of `gpo-fast train` or its adapter folder")
     written = draw_to_files(config, list(prompt), n, out, adapter=adapter, steps=steps, cfg_scale=cfg, seed=seed)
     typer.echo(f"wrote {len(written)} images to {out}")
+
+
+@app.command("plan", cls=_Command)
+def plan_cmd(
+    config_file: Optional[Path] = typer.Argument(None, metavar="[CONFIG]", help="A TOML config (e.g. a run's config.toml)."),
+    preset: str = typer.Option("sd35m-counting", help="Starting point: sd35m-counting or sd35m-text."),
+    vram: Optional[int] = typer.Option(None, help="Plan a --vram preset of `gpo-fast train` (before --set)."),
+    set_: list[str] = typer.Option([], "--set", metavar="SECTION.KEY=VALUE", help="Override one key (repeatable)."),
+    card: Optional[str] = typer.Option(None, help="Say whether the run fits this card and estimate its time: "
+                                                  "rtx3090, rtx4090, rtx5090, a100-40, a100-80, l40s, h100."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object."),
+    debug: bool = typer.Option(False, help="Show the full traceback of an error."),
+) -> None:
+    """Peak GPU memory and FLOPs of a run, per phase, planned on this machine before anything is downloaded.
+
+    Builds the configured SD3 / SD3.5 model from its configs alone (shipped for SD3.5 Medium and Large, or a
+    local model.path folder's) and runs the trainer's own code on fake tensors: the prompt encoding (priced),
+    one rollout (the sampler with guidance, the VAE decode) and one training update (reference errors,
+    policy passes, backward), with what holds each peak. Planned, not measured on a GPU.
+    """
+    from gpo_fast.config import VRAM_PRESETS, load_config
+    from gpo_fast.plan import CARDS, plan, render
+
+    if vram is not None and vram not in VRAM_PRESETS:
+        _fail(f"--vram {vram} is not a preset; choose one of {', '.join(map(str, sorted(VRAM_PRESETS)))}")
+    if card is not None and card not in CARDS:
+        _fail(f"unknown card '{card}'; choose one of {', '.join(CARDS)}")
+    config = load_config(config_file, preset, [*(VRAM_PRESETS[vram] if vram else []), *set_])
+    result = plan(config)
+    chosen = CARDS[card] if card else None
+    if as_json:
+        typer.echo(json.dumps(result.to_json(chosen), indent=2))
+    else:
+        typer.echo(render(result, chosen))
 
 
 @app.command("doctor")

@@ -47,10 +47,17 @@ def build_model(config: Config, device: torch.device, trainable: bool = True, pr
 
         dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[m.dtype]
         model = SD3Model.from_pretrained(m.path or DEFAULT_MODEL, resolution=m.resolution, device=device, dtype=dtype,
-                                         t5=m.t5, attention=m.attention, embeds_cache=m.embeds_cache,
-                                         vae_tiling=m.vae_tiling, prompts=prompts, quantize=m.quantize)
+                                         t5=m.t5, text_encoders=m.text_encoders, attention=m.attention,
+                                         embeds_cache=m.embeds_cache, vae_tiling=m.vae_tiling, prompts=prompts,
+                                         quantize=m.quantize)
     if not trainable:
         return model.eval().requires_grad_(False)
+    return prepare_for_training(model, config)
+
+
+def prepare_for_training(model, config: Config):
+    """A fresh adapter on the frozen base (or the frozen copy for full fine-tuning), and gradient checkpointing,
+    as the config asks: what the trainer trains, and what gpo_fast.plan traces."""
     if config.lora.enabled:
         model.add_lora(config.lora.rank, config.lora.alpha, config.lora.targets)
     else:

@@ -41,6 +41,9 @@ class ModelSection(_Section):
         "auto", description="sd3: weight dtype; auto = bfloat16 on a GPU, float32 on the CPU.")
     t5: Literal["full", "8bit", "off"] = Field(
         "full", description="sd3: the T5 text encoder in bf16, in 8 bits (bitsandbytes, GPU) or left out.")
+    text_encoders: Literal["gpu", "cpu"] = Field(
+        "gpu", description="sd3: where the text encoders run while prompts are cached: on the GPU (fast), or on the "
+                           "CPU (slow, once per prompt; none of their weights on the GPU: small cards).")
     attention: Literal["sdpa", "xformers"] = Field("sdpa", description="sd3: attention backend.")
     embeds_cache: Optional[str] = Field(None, description="sd3: folder caching prompt embeddings on disk.")
     quantize: Literal["none", "int8", "nf4"] = Field(
@@ -161,6 +164,9 @@ class Config(_Section):
         if self.model.quantize != "none" and not self.lora.enabled:
             raise ValueError(f"model.quantize = '{self.model.quantize}' trains a LoRA on frozen quantized weights; "
                              "set lora.enabled = true or model.quantize = 'none'")
+        if self.model.text_encoders == "cpu" and self.model.t5 == "8bit":
+            raise ValueError("model.t5 = '8bit' runs on the GPU only (bitsandbytes); with model.text_encoders = 'cpu' "
+                             "use model.t5 = 'full' (bf16 on the CPU) or 'off'")
         if self.model.kind == "sd3" and self.model.resolution % 16:
             raise ValueError(f"model.resolution must be a multiple of 16; got {self.model.resolution}")
         return self
@@ -221,16 +227,20 @@ PRESETS: dict[str, dict] = {
 }
 
 
-# `gpo-fast train --vram N`: what fits a card of N GB, applied over the preset (before --set). Planned from
-# the weights' sizes (SD3.5-M transformer 5 GB bf16 / 1.6 GB nf4; T5 9.5 GB bf16 / 5 GB int8, on the GPU
-# only while prompts are cached) and one group per micro-batch; not yet measured on such cards.
+# `gpo-fast train --vram N`: what fits a card of N GB, applied over the preset (before --set). Checked by
+# `gpo-fast plan` (fake tensors, tests/test_plan.py): every phase of SD3.5 Medium plans under the card's size
+# less the CUDA context and the allocator's slack. One whole group per micro-batch everywhere (the fused loss,
+# no extra policy forward); what shrinks is the text encoders' place (T5 in 8 bits; on the CPU for 8 GB), the
+# base (nf4 at 12 and 8 GB) and the sampler's batch. Planned, not yet measured on such cards.
 VRAM_PRESETS: dict[int, list[str]] = {
     24: ["model.resolution=512", "rollout.group_size=8", "rollout.batch_size=8", "train.micro_batch=8",
-         'model.quantize="none"', 'model.t5="full"'],
-    16: ["model.resolution=512", "rollout.group_size=8", "rollout.batch_size=4", "train.micro_batch=4",
-         'model.quantize="none"', 'model.t5="8bit"'],
-    12: ["model.resolution=512", "rollout.group_size=8", "rollout.batch_size=4", "train.micro_batch=2",
-         'model.quantize="nf4"', 'model.t5="8bit"', "model.vae_tiling=true"],
+         'model.quantize="none"', 'model.t5="full"', 'model.text_encoders="gpu"'],
+    16: ["model.resolution=512", "rollout.group_size=8", "rollout.batch_size=4", "train.micro_batch=8",
+         'model.quantize="none"', 'model.t5="8bit"', 'model.text_encoders="gpu"'],
+    12: ["model.resolution=512", "rollout.group_size=8", "rollout.batch_size=4", "train.micro_batch=8",
+         'model.quantize="nf4"', 'model.t5="8bit"', 'model.text_encoders="gpu"', "model.vae_tiling=true"],
+    8: ["model.resolution=512", "rollout.group_size=8", "rollout.batch_size=4", "train.micro_batch=8",
+        'model.quantize="nf4"', 'model.t5="full"', 'model.text_encoders="cpu"', "model.vae_tiling=true"],
 }
 
 

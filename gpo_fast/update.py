@@ -6,9 +6,12 @@ backward (docs/method.md). The optimizer and its learning-rate schedule are made
     ref_err = sample_mse(reference(x_s), u)      under no_grad, adapter disabled, freed at once
     loss = gpo_loss(policy(x_s), u, ref_err, rewards, spec)   -> backward
 
-Group-exact micro-batching (train.micro_batch < N): all policy errors first without grad, the
-coefficients c = dL/de from them (gpo_fast.kernels.loss_coefficients), then forward + backward per
-micro-batch on sum(c * e) with c fixed: the same gradient as the whole batch at once, for one extra forward.
+Group-exact micro-batching (train.micro_batch < N), the same gradient as the whole batch at once:
+- micro-batches of whole groups (micro_batch a multiple of G): the fused loss per micro-batch, weighted by
+  its share of the non-degenerate groups; one policy pass per sample, as without micro-batching;
+- micro-batches that cut through groups: all policy errors first without grad, the coefficients
+  c = dL/de from them (gpo_fast.kernels.loss_coefficients), then forward + backward per micro-batch on
+  sum(c * e) with c fixed: one extra policy forward.
 """
 
 from __future__ import annotations
@@ -98,26 +101,63 @@ def gpo_update(model: DiffusionModel, x0, prompts: list[str], rewards, config: C
     shard = (dist.rank, dist.world) if dist is not None else (0, 1)
     x_s, u, s = group_noise(x0, spec.group_size, config.train, model.schedule(config.rollout.steps), generator,
                             shard)
+    valid = valid_groups(rewards, spec)  # known from the rewards, before any forward
     scale = 1.0
     if dist is not None and dist.world > 1:
-        valid = valid_groups(rewards, spec).sum().float()
-        scale = (valid / dist.sum(valid).clamp(min=1.0)).item()
+        n_valid = valid.sum().float()
+        scale = (n_valid / dist.sum(n_valid).clamp(min=1.0)).item()
     embeds = model.encode_prompts(prompts)
-    n = x0.shape[0]
-    mb = config.train.micro_batch if 0 < config.train.micro_batch < n else n
+    loss, policy_err, ref_err = forward_backward(model, x_s, s, u, embeds, rewards, spec, config.train.micro_batch,
+                                                 scale, valid.tolist())
+    d = policy_err - ref_err
+    return {"loss": loss.item() * scale, "mean_abs_d": d.abs().mean().item(),
+            "implicit_acc": implicit_reward_accuracy(d, rewards, spec.group_size)}
+
+
+def forward_backward(model: DiffusionModel, x_s, s, u, embeds, rewards, spec: LossSpec, micro_batch: int,
+                     scale: float, valid: list[bool]):
+    """The reference errors, the policy passes and the backward of one update: (loss, policy errors, reference
+    errors). Every branch is on Python values (`valid`: the non-degenerate groups), none on tensor data, so
+    gpo_fast.plan runs this same code on fake tensors."""
+    n = x_s.shape[0]
+    mb = micro_batch if 0 < micro_batch < n else n
     chunks = [slice(i, i + mb) for i in range(0, n, mb)]
     with torch.no_grad(), model.reference() as reference:  # each reference prediction dies at once
         ref_err = torch.cat([sample_mse(reference.predict(x_s[c], s[c], embeds[c]), u[c]) for c in chunks])
-    if mb == n:
-        loss, policy_err = gpo_loss(model.predict(x_s, s, embeds), u, ref_err, rewards, spec, return_policy_err=True)
-        (loss * scale).backward()
-    else:
+    if mb % spec.group_size == 0:  # whole groups per pass (the whole batch included): the fused loss per chunk
+        loss, policy_err = _whole_group_passes(model, x_s, s, u, embeds, ref_err, rewards, spec, chunks, scale, valid)
+    else:  # a pass cuts through groups: every policy error first, then the coefficients of the whole batch
         with torch.no_grad():
             policy_err = torch.cat([sample_mse(model.predict(x_s[c], s[c], embeds[c]), u[c]) for c in chunks])
         loss, coef = loss_coefficients(policy_err, ref_err, rewards, spec)
         for c in chunks:
             pred = model.predict(x_s[c], s[c], embeds[c])
             (scale * coef[c] * sample_mse(pred, u[c])).sum().backward()
-    d = policy_err - ref_err
-    return {"loss": loss.item() * scale, "mean_abs_d": d.abs().mean().item(),
-            "implicit_acc": implicit_reward_accuracy(d, rewards, spec.group_size)}
+    return loss, policy_err, ref_err
+
+
+def _whole_group_passes(model, x_s, s, u, embeds, ref_err, rewards, spec: LossSpec, chunks: list[slice], scale: float,
+                        valid: list[bool]):
+    """The loss over micro-batches that hold whole groups: a group's loss needs only its own members, so each
+    chunk runs the fused loss once, weighted by its share of the non-degenerate groups (known from the rewards
+    before any forward). A chunk without a non-degenerate group has no gradient: its errors are taken under
+    no_grad (for the logged statistics) and nothing is kept for a backward. Same gradient as the whole batch
+    (a zero one, as before, when no group has a loss)."""
+    n_valid = max(sum(valid), 1)
+    loss, errors = torch.zeros((), device=ref_err.device), []
+    for c in chunks:
+        in_chunk = sum(valid[c.start // spec.group_size:c.stop // spec.group_size])
+        share = in_chunk / n_valid
+        if not in_chunk:
+            with torch.no_grad():
+                errors.append(sample_mse(model.predict(x_s[c], s[c], embeds[c]), u[c]))
+            continue
+        chunk_loss, err = gpo_loss(model.predict(x_s[c], s[c], embeds[c]), u[c], ref_err[c], rewards[c], spec,
+                                   return_policy_err=True)
+        (chunk_loss * (share * scale)).backward()
+        loss = loss + chunk_loss.detach() * share
+        errors.append(err)
+    if not any(valid):  # no group has a loss: a zero gradient, as a backward of the zero loss would give
+        for p in model.trainable_parameters():
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+    return loss, torch.cat(errors)

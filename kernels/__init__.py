@@ -18,6 +18,8 @@ The argument checks and the dtypes the kernels take (KERNEL_DTYPES) live here.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from gpo_fast import objective as _ref
@@ -58,9 +60,23 @@ def interpreter_problem() -> str | None:
     return None
 
 
+_plain = [False]  # plain_pytorch() sets it: every call runs the PyTorch reference
+
+
+@contextlib.contextmanager
+def plain_pytorch():
+    """Inside the block the loss runs the PyTorch reference on every device (gpo_fast.plan: fake tensors carry
+    no data for Triton to read; the fused kernels' own buffers are N floats)."""
+    _plain[0] = True
+    try:
+        yield
+    finally:
+        _plain[0] = False
+
+
 def uses_triton(t: torch.Tensor) -> bool:
     """Whether the kernels run as Triton for a tensor on this device (natively or interpreted)."""
-    if not TRITON_AVAILABLE:
+    if not TRITON_AVAILABLE or _plain[0]:
         return False
     return t.is_cuda or (INTERPRETED and t.device.type == "cpu")
 

@@ -87,7 +87,7 @@ def test_sample_writes_n_images_per_prompt_and_rejects_unknown_prompts(tmp_path)
     assert bad.returncode == 2 and "a cat" in bad.stderr and "Traceback" not in bad.stderr
 
 
-@pytest.mark.parametrize("vram, nxt", [(24, "--vram 16"), (16, "--vram 12"), (12, "micro_batch")])
+@pytest.mark.parametrize("vram, nxt", [(24, "--vram 16"), (16, "--vram 12"), (12, "--vram 8"), (8, "micro_batch")])
 def test_out_of_memory_names_the_next_smaller_preset(vram, nxt, monkeypatch, tmp_path):
     import torch
     from typer.testing import CliRunner

@@ -17,7 +17,7 @@ LAYERS = {
         "rewards.text", "rewards.composite", "toy", "toy.data", "toy.model", "toy.reward", "toy.evaluate",
         "toy.pretrain", "sampling", "prompts", "evaluate"],
     4: ["components"],
-    5: ["update", "train", "report", "tuned"],
+    5: ["update", "train", "report", "tuned", "plan"],
     6: ["cli", "doctor"],
 }
 LAYER = {("gpo_fast." + m).rstrip("."): layer for layer, mods in LAYERS.items() for m in mods}

@@ -1,6 +1,7 @@
 """One GPO update (gpo_fast.update): group-exact micro-batching, the reference pass, learning, the
 loss contract read from the config, the logged statistics."""
 
+import contextlib
 import math
 
 import pytest
@@ -44,14 +45,59 @@ def _grads(model, micro_batch, objective="gpo"):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.parametrize("micro_batch", [3, 4], ids=["cutting-groups", "whole-groups"])
 @pytest.mark.parametrize("objective", ["gpo", "gpo-pairs", "dpo"])
-def test_group_exact_micro_batching_gives_the_full_batch_gradient(objective):
+def test_group_exact_micro_batching_gives_the_full_batch_gradient(objective, micro_batch):
     model = _lora_model()
     full = _grads(model, 0, objective)
-    split = _grads(model, 3, objective)  # micro-batches of 3 cut through both groups
+    split = _grads(model, micro_batch, objective)  # 3 cuts through both groups of 4; 4 holds one group
     assert any(g.abs().max() > 0 for g in full.values())
     for name in full:
         torch.testing.assert_close(split[name], full[name], rtol=1e-4, atol=1e-5 * full[name].abs().max().item())
+
+
+@pytest.mark.parametrize("micro_batch, policy_passes, reference_passes", [(0, 1, 1), (4, 2, 2), (3, 6, 3)])
+def test_whole_group_micro_batches_need_no_extra_policy_pass(micro_batch, policy_passes, reference_passes,
+                                                             monkeypatch):
+    """Micro-batches of whole groups run the fused loss per micro-batch: one policy pass per sample, as without
+    micro-batching; micro-batches that cut groups need the errors of every sample first (3 + 3 passes)."""
+    model = _lora_model()
+    real_predict, real_reference, in_reference, policy = model.predict, model.reference, [False], []
+
+    @contextlib.contextmanager
+    def reference():
+        in_reference[0] = True
+        with real_reference() as ref:
+            yield ref
+        in_reference[0] = False
+
+    def predict(*args):
+        policy.append(not in_reference[0])
+        return real_predict(*args)
+
+    monkeypatch.setattr(model, "predict", predict)
+    monkeypatch.setattr(model, "reference", reference)
+    _grads(model, micro_batch)
+    assert (sum(policy), len(policy) - sum(policy)) == (policy_passes, reference_passes)
+
+
+def test_a_micro_batch_of_degenerate_groups_adds_nothing_and_the_gradient_stays_exact():
+    model = _lora_model()
+    x0, prompts, _ = _batch()
+    rewards = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # the second group is degenerate
+    grads = []
+    for micro_batch in (0, 4):
+        cfg = load_config(overrides=[f"train.micro_batch={micro_batch}", "rollout.group_size=4", "train.beta=50"])
+        model.zero_grad(set_to_none=True)
+        stats = gpo_update(model, x0, prompts, rewards, cfg, torch.Generator().manual_seed(5))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        assert math.isfinite(stats["loss"]) and stats["loss"] > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-8)
+    model.zero_grad(set_to_none=True)
+    cfg = load_config(overrides=["train.micro_batch=4", "rollout.group_size=4"])
+    stats = gpo_update(model, x0, prompts, torch.ones(8), cfg, torch.Generator().manual_seed(5))
+    assert stats["loss"] == 0 and all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.trainable_parameters())
 
 
 def test_reference_pass_is_the_base_model():

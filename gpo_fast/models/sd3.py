@@ -44,7 +44,7 @@ def is_local_path(path: str) -> bool:
 class SD3Model(AdapterMixin, torch.nn.Module):
     def __init__(self, pipe, resolution: int, device: torch.device, dtype: torch.dtype,
                  embeds_cache: str | None = None, vae_tiling: bool = False, cache_key: str = "",
-                 prompts: list[str] | None = None):
+                 prompts: list[str] | None = None, text_encoders: str = "gpu"):
         super().__init__()
         self.transformer = pipe.transformer
         self.vae = pipe.vae
@@ -64,6 +64,8 @@ class SD3Model(AdapterMixin, torch.nn.Module):
         self._disk = Path(embeds_cache).expanduser() if embeds_cache else None
         self._cache_key = cache_key  # model and text-encoder setup: a disk cache never mixes them
         self._encoders_on_device = False
+        # where prompts are encoded: the model's device, or the CPU (the encoders never take GPU memory)
+        self._encode_device = torch.device("cpu") if text_encoders == "cpu" else self._device
         self.vae.enable_slicing()
         if vae_tiling:
             self.vae.enable_tiling()
@@ -81,7 +83,8 @@ class SD3Model(AdapterMixin, torch.nn.Module):
     def from_pretrained(cls, path: str = DEFAULT_MODEL, *, resolution: int = 512, device="cpu",
                         dtype: torch.dtype | None = None, t5: str = "full", attention: str = "sdpa",
                         embeds_cache: str | None = None, vae_tiling: bool = False,
-                        prompts: list[str] | None = None, quantize: str = "none") -> "SD3Model":
+                        prompts: list[str] | None = None, quantize: str = "none",
+                        text_encoders: str = "gpu") -> "SD3Model":
         """Load SD3 / SD3.5 from a hub id or a local folder (ModelLoadError, one sentence, on failure).
         `prompts` are encoded and cached before the transformer moves to the device."""
         from diffusers import StableDiffusion3Pipeline
@@ -120,7 +123,7 @@ class SD3Model(AdapterMixin, torch.nn.Module):
             _enable_xformers(pipe.transformer, device)
         key = f"{Path(source).resolve() if local else source}|t5={t5}|{dtype}"
         return cls(pipe, resolution, device, dtype, embeds_cache=embeds_cache, vae_tiling=vae_tiling, cache_key=key,
-                   prompts=prompts)
+                   prompts=prompts, text_encoders=text_encoders)
 
     # -- prompts ------------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
@@ -160,10 +163,10 @@ class SD3Model(AdapterMixin, torch.nn.Module):
             return
         if not self._encoders_on_device:
             for enc in self._text_encoders():
-                _move(enc, self._device)
+                _move(enc, self._encode_device)
             self._encoders_on_device = True
         hidden, _, pooled, _ = self._pipe.encode_prompt(
-            prompt=todo, prompt_2=None, prompt_3=None, device=self._device, do_classifier_free_guidance=False,
+            prompt=todo, prompt_2=None, prompt_3=None, device=self._encode_device, do_classifier_free_guidance=False,
         )
         for i, p in enumerate(todo):
             e = PromptEmbeds(hidden[i:i + 1].to(self.dtype).cpu(), pooled[i:i + 1].to(self.dtype).cpu())

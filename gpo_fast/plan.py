@@ -1,0 +1,440 @@
+"""Know before you download: the peak memory and the FLOPs of a configured run, planned on a CPU from the
+model's configs alone (no weights read, nothing downloaded), by running the trainer's own code on fake
+tensors.
+
+How it is measured:
+- torch's FakeTensorMode runs the real modules (the SD3 transformer and VAE built from their configs, the
+  LoRA through peft, gradient checkpointing) and the trainer's own functions (gpo_fast.sampling's sampler
+  step, gpo_fast.update.forward_backward) with shapes, dtypes and autograd, but no storage;
+- LiveBytes, a TorchDispatchMode, follows every storage from the op that makes it to its last reference,
+  each rounded up to 512 B (the CUDA caching allocator's block), and keeps the peak and what was alive;
+- torch.utils.flop_counter.FlopCounterMode counts the FLOPs of the same run.
+What fake tensors cannot see is added by name and priced from sizes: int8 / nf4 weights (bitsandbytes'
+byte layout), the optimizer's states, the text encoders while prompts are cached (weights and one batch),
+and the CUDA context with the caching allocator's slack (MARGIN_*), which `fits` subtracts from the card.
+
+Traced on the CPU: no CUDA autocast. Linear layers, matmuls, convolutions and attention run in the
+weights' dtype (bf16) as under CUDA's autocast; CUDA's autocast also upcasts normalization layers to fp32,
+which this trace does not (their fp32 copies are transient; see README, "Planned memory").
+A phase that repeats exactly is traced once: one micro-batch of the update (with the gradients of an
+earlier micro-batch already alive) and one sampler step; FLOPs are multiplied out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+import types
+import weakref
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from gpo_fast.config import Config
+from gpo_fast.errors import InputError
+
+GIB = 1024 ** 3
+BLOCK = 512  # the CUDA caching allocator rounds every allocation up to 512 B
+MARGIN_CONTEXT = int(0.6 * GIB)  # CUDA context, cuBLAS workspace and kernels' own buffers (0.3-0.6 GiB seen)
+MARGIN_FRACTION = 0.10  # the caching allocator's fragmentation (typically 5-15% of what is allocated)
+TEXT_TOKENS = 77 + 256  # SD3's prompt: CLIP's 77 tokens, then T5's 256 (zeros when T5 is off)
+# Text encoders of SD3 / SD3.5 (parameters): CLIP ViT-L/14 text tower, OpenCLIP bigG text tower, T5 v1.1 XXL
+# encoder; priced, not traced (their configs are not shipped): weights plus one encoding batch.
+TEXT_ENCODERS = {"clip_l": 123_650_304, "clip_g": 694_659_840, "t5_xxl": 4_762_310_656}
+SHIPPED = {"stabilityai/stable-diffusion-3.5-medium": "sd35-medium",
+           "stabilityai/stable-diffusion-3.5-large": "sd35-large"}
+
+
+@dataclass(frozen=True)
+class Card:
+    name: str
+    memory_gib: float  # what the card has
+    bf16_tflops: float  # dense bf16 tensor-core peak, no sparsity
+    bandwidth_gbs: float
+
+
+CARDS = {c.name: c for c in (
+    Card("rtx3090", 24, 71, 936), Card("rtx4090", 24, 165, 1008), Card("rtx5090", 32, 209, 1792),
+    Card("a100-40", 40, 312, 1555), Card("a100-80", 80, 312, 2039), Card("l40s", 48, 362, 864),
+    Card("h100", 80, 989, 3350),
+)}
+UTILISATION = 0.35  # the share of the bf16 peak a time estimate assumes (an estimate, not a measurement)
+
+
+class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Live bytes of tensor storages: every output storage of every op counted once, until it dies.
+    `track` registers tensors that exist before (weights), under a kind; `kind` tags what ops make now."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[int, str]] = {}
+        self.now = self.peak = 0
+        self.at_peak: dict[str, int] = {}
+        self.kind = "activations"
+
+    def track(self, tensor: torch.Tensor, kind: str) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self.live:
+            return
+        size = -(-storage.nbytes() // BLOCK) * BLOCK
+        self.live[key] = (size, kind)
+        self.now += size
+        weakref.finalize(storage, self._free, key)
+        if self.now > self.peak:
+            self.peak = self.now
+            self.at_peak = self.by_kind()
+
+    def _free(self, key: int) -> None:
+        size, _ = self.live.pop(key, (0, ""))
+        self.now -= size
+
+    def by_kind(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for size, kind in self.live.values():
+            out[kind] = out.get(kind, 0) + size
+        return out
+
+    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t, self.kind)
+        return out
+
+
+@contextlib.contextmanager
+def _fake_modules_may_move():
+    """Module.to() of fake parameters swaps tensors, and torch.utils.swap_tensors refuses any tensor with a weak
+    reference, which the fake-tensor converter's memo holds: skip that check while the model is built."""
+    import torch.utils as tu
+
+    real = tu.weakref
+    tu.weakref = types.SimpleNamespace(getweakrefs=lambda t: [])
+    try:
+        yield
+    finally:
+        tu.weakref = real
+
+
+def model_configs(config: Config) -> tuple[dict, dict]:
+    """(transformer config, VAE config) of the configured model: a local folder's own, or the ones shipped
+    for SD3.5 Medium and Large; InputError for a hub id without a shipped config (nothing is downloaded)."""
+    from gpo_fast.models.sd3 import DEFAULT_MODEL, is_local_path
+
+    path = config.model.path or DEFAULT_MODEL
+    if config.model.kind != "sd3":
+        raise InputError("gpo-fast plan plans SD3-family models (the toy world fits any machine); use --preset "
+                         "sd35m-counting or sd35m-text, or --set model.kind=sd3")
+    if is_local_path(path):
+        folder = Path(path).expanduser()
+        files = [folder / "transformer" / "config.json", folder / "vae" / "config.json"]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise InputError(f"model.path {path} has no {missing[0]}; pass a diffusers SD3 folder "
+                             "(transformer/ and vae/ with their config.json)")
+        return tuple(json.loads(f.read_text()) for f in files)
+    name = SHIPPED.get(path)
+    if name is None:
+        raise InputError(f"no config is shipped for {path} and nothing is downloaded to plan; download the model "
+                         f"and pass its folder with --set model.path=/path, or plan one of: {', '.join(SHIPPED)}")
+    shipped = json.loads(resources.files("gpo_fast").joinpath(f"data/{name}.json").read_text())
+    return shipped["transformer"], shipped["vae"]
+
+
+def _clean(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def _dtype(config: Config) -> torch.dtype:
+    """The weights' dtype on a GPU (what is planned): bfloat16 unless model.dtype says float32."""
+    return torch.float32 if config.model.dtype == "float32" else torch.bfloat16
+
+
+def build_fake_model(config: Config, fake_mode):
+    """The trainer's SD3Model over fake transformer and VAE weights, with its adapter (or frozen copy) and
+    gradient checkpointing as the config asks; prompt embeddings are fake zeros of SD3's shape."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    from gpo_fast.components import prepare_for_training
+    from gpo_fast.models.sd3 import SD3Model
+
+    transformer_cfg, vae_cfg = model_configs(config)
+    dtype = _dtype(config)
+    from diffusers.utils import logging as diffusers_logging
+
+    default, level = torch.get_default_dtype(), diffusers_logging.get_verbosity()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # real: its sigmas are read as numbers
+    diffusers_logging.set_verbosity_error()  # its advice on .to(dtype) is for loaded weights, not these
+    with fake_mode, _fake_modules_may_move():
+        torch.set_default_dtype(dtype)  # made in their dtype: no conversion of fake weights
+        try:
+            # buffers made in float32 on purpose (pos_embed) are cast as from_pretrained(torch_dtype=...) casts them
+            transformer = SD3Transformer2DModel(**_clean(transformer_cfg)).to(dtype)
+            vae = AutoencoderKL(**_clean(vae_cfg)).to(dtype)
+        finally:
+            torch.set_default_dtype(default)
+            diffusers_logging.set_verbosity(level)
+        pipe = types.SimpleNamespace(transformer=transformer, vae=vae, scheduler=scheduler,
+                                     text_encoder=None, text_encoder_2=None, text_encoder_3=None)
+        model = SD3Model(pipe, config.model.resolution, torch.device("cpu"), dtype)
+        model.requires_grad_(False)
+        prepare_for_training(model, config)
+        c = transformer.config
+        for text in ("", "plan"):
+            model._cache[text] = _fake_embeds(c.joint_attention_dim, c.pooled_projection_dim, dtype)
+    return model
+
+
+def _fake_embeds(hidden: int, pooled: int, dtype):
+    from gpo_fast.models.base import PromptEmbeds
+
+    return PromptEmbeds(torch.zeros(1, TEXT_TOKENS, hidden, dtype=dtype), torch.zeros(1, pooled, dtype=dtype))
+
+
+@dataclass
+class Phase:
+    name: str
+    peak_bytes: int  # traced live bytes at the phase's peak, plus what is priced
+    holders: dict[str, int]  # what holds the peak, by kind
+    flops: int = 0  # per rollout (rollout, decode, encode) or per update (update)
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    config: Config
+    phases: list[Phase] = field(default_factory=list)
+    seconds: float = 0.0
+    images_per_rollout: int = 0
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(p.peak_bytes for p in self.phases)
+
+    def phase(self, name: str) -> Phase:
+        return next(p for p in self.phases if p.name == name)
+
+    def budget(self, card: Card) -> int:
+        """The bytes a run may allocate on the card: its memory less the context and the allocator's slack."""
+        return int((card.memory_gib * GIB - MARGIN_CONTEXT) / (1 + MARGIN_FRACTION))
+
+    def to_json(self, card: Card | None = None) -> dict:
+        out = {
+            "peak_bytes": self.peak_bytes,
+            "phases": {p.name: p.peak_bytes for p in self.phases},
+            "holders": {p.name: p.holders for p in self.phases},
+            "flops": {"rollout": self.phase("rollout").flops + self.phase("decode").flops,
+                      "update": self.phase("update").flops},
+            "images_per_rollout": self.images_per_rollout,
+            "card": None, "fits": None,
+            "margin": {"context_bytes": MARGIN_CONTEXT, "allocator_fraction": MARGIN_FRACTION},
+            "planned_seconds": round(self.seconds, 1),
+            "label": "planned on fake tensors (a CPU trace), not measured on a GPU",
+        }
+        if card is not None:
+            rate = card.bf16_tflops * 1e12 * UTILISATION
+            out.update(card=card.name, fits=self.peak_bytes <= self.budget(card),
+                       budget_bytes=self.budget(card),
+                       fits_by_phase={p.name: p.peak_bytes <= self.budget(card) for p in self.phases},
+                       estimate_seconds={"rollout": out["flops"]["rollout"] / rate,
+                                         "update": out["flops"]["update"] / rate,
+                                         "utilisation": UTILISATION})
+        return out
+
+
+def _weights_bytes(module: torch.nn.Module, quantize: str, trainable: bool = False) -> dict[str, int]:
+    """Bytes of a module's weights by kind, with int8 / nf4 Linear weights priced in bitsandbytes' layout:
+    int8 1 B per weight + one fp32 scale per row; nf4 half a byte per weight + one fp32 absmax per 64."""
+    out = {"weights": 0, "lora": 0}
+    for name, p in module.named_parameters():
+        kind = "lora" if "lora_" in name else "weights"
+        if p.requires_grad and kind == "weights" and not trainable:
+            kind = "trained weights"
+        n = p.numel()
+        linear_weight = p.dim() == 2 and "lora_" not in name and name.endswith("weight")
+        if quantize == "int8" and linear_weight:
+            size = n + p.shape[0] * 4
+        elif quantize == "nf4" and linear_weight:
+            size = n // 2 + math.ceil(n / 64) * 4
+        else:
+            size = n * p.element_size()
+        out[kind] = out.get(kind, 0) + -(-size // BLOCK) * BLOCK
+    for b in module.buffers():
+        out["weights"] += -(-b.untyped_storage().nbytes() // BLOCK) * BLOCK
+    return out
+
+
+def _optimizer_bytes(params: list[torch.nn.Parameter], optimizer: str) -> int:
+    """AdamW's two moments: fp32 (8 B per weight), or bitsandbytes' 8-bit blocks (2 B per weight and an fp32
+    absmax per 256 for each moment; tensors under 4096 weights keep fp32 moments)."""
+    total = 0
+    for p in params:
+        n = p.numel()
+        if optimizer == "adamw8bit" and n >= 4096:
+            total += 2 * (n + math.ceil(n / 256) * 4)
+        else:
+            total += 8 * n
+    return total
+
+
+def flop_counter():
+    """FlopCounterMode that also counts attention on the CPU: torch's table knows the CUDA attention kernels,
+    not `_scaled_dot_product_flash_attention_for_cpu` (forward and backward), which the trace runs."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs):
+        return fc.sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+        return fc.sdpa_backward_flop_count(grad_out, query, key, value)
+
+    return fc.FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward})
+
+
+def _track_residents(model, live: LiveBytes) -> None:
+    """The weights already on the GPU when a phase starts: the transformer (LoRA apart), a frozen copy, the VAE."""
+    for name, p in model.transformer.named_parameters():
+        live.track(p, "lora" if "lora_" in name else "trained weights" if p.requires_grad else "weights")
+    for b in model.transformer.buffers():
+        live.track(b, "weights")
+    frozen = getattr(model, "_frozen_transformer", None)
+    for t in [*(frozen.parameters() if frozen is not None else []), *(frozen.buffers() if frozen is not None else [])]:
+        live.track(t, "reference copy")
+    for t in [*model.vae.parameters(), *model.vae.buffers()]:
+        live.track(t, "vae")
+
+
+def trace_phase(name: str, model, config: Config, fake_mode=None) -> Phase:
+    """One phase of a run on `model` (fake, inside fake_mode, or real): its peak live bytes with what holds
+    them, and its FLOPs multiplied out to a rollout (rollout, decode) or an update. The same function traces
+    the planner's fake model and, in the tests, a real one."""
+    from gpo_fast.kernels import plain_pytorch
+    from gpo_fast.sampling import _euler
+    from gpo_fast.update import forward_backward, group_noise, loss_spec
+
+    ro, tr = config.rollout, config.train
+    n = ro.prompts * ro.group_size
+    batch = min(ro.batch_size or n, n)
+    mb = tr.micro_batch if 0 < tr.micro_batch < n else n
+    # micro-batches of whole groups repeat exactly: trace one; micro-batches that cut groups: trace one group
+    traced_n = mb if mb % ro.group_size == 0 else ro.group_size
+    trainable = model.trainable_parameters()
+
+    def rollout(live):  # one sampler step of `batch` images with guidance (2x the batch), under no_grad
+        model.eval()
+        with torch.no_grad():
+            _euler(model, ["plan"] * batch, torch.zeros((batch, *model.latent_shape)), 1, ro.cfg_scale)
+
+    def decode(live):  # the VAE decodes one image at a time (sliced), the batch's latents alive
+        live.kind = "latents"
+        latents = torch.zeros((batch, *model.latent_shape))
+        live.kind = "activations"
+        model.decode(latents[:1])
+
+    def update(live):  # one micro-batch forward + backward
+        model.train()
+        if mb < n:  # the gradients of an earlier micro-batch
+            live.kind = "gradients"
+            for p in trainable:
+                p.grad = torch.zeros_like(p)
+            live.kind = "activations"
+        x0 = torch.zeros((traced_n, *model.latent_shape))
+        rewards = torch.arange(traced_n, dtype=torch.float32)  # every group non-degenerate: the most work
+        x_s, u, s = group_noise(x0, ro.group_size, tr, model.schedule(ro.steps), torch.Generator().manual_seed(0))
+        embeds = model.encode_prompts(["plan"] * traced_n)
+        forward_backward(model, x_s, s, u, embeds, rewards, loss_spec(config), mb, 1.0,
+                         [True] * (traced_n // ro.group_size))
+        for p in trainable:
+            p.grad = None
+
+    fn, scale, note = {
+        "rollout": (rollout, ro.steps * math.ceil(n / batch), f"one sampler step of {batch} images traced"),
+        "decode": (decode, n, "one image traced (the VAE decodes sliced)"),
+        "update": (update, n / traced_n, f"one micro-batch of {traced_n} traced"
+                   + (", the gradients of an earlier one alive" if mb < n else "")),
+    }[name]
+    # memory and FLOPs in two runs: FlopCounterMode's module tracking keeps activations alive that gradient
+    # checkpointing frees (seen: 5x the live bytes of a checkpointed SD3 update)
+    live, flops = LiveBytes(), flop_counter()
+    _track_residents(model, live)
+    with plain_pytorch(), (fake_mode or contextlib.nullcontext()), live:
+        fn(live)
+    with plain_pytorch(), (fake_mode or contextlib.nullcontext()), flops:
+        fn(LiveBytes())  # a fresh one, outside its mode: only `kind` is set on it
+    holders = dict(live.at_peak)
+    if config.model.quantize != "none":  # the base's Linear weights in bitsandbytes' layout, not bf16
+        holders["weights"] = _weights_bytes(model.transformer, config.model.quantize)["weights"]
+    if name == "update":
+        holders["optimizer state"] = _optimizer_bytes(trainable, tr.optimizer)
+    return Phase(name, sum(holders.values()), holders, int(flops.get_total_flops() * scale), note)
+
+
+def plan(config: Config) -> Plan:
+    """Plan the configured run: the phases' peak memory on the GPU and their FLOPs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    start = time.time()
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    model = build_fake_model(config, fake)
+    ro, q = config.rollout, config.model.quantize
+    schedules = {k: model.schedule(k) for k in (1, ro.steps)}  # numbers, made outside the fake mode
+    model.schedule = schedules.__getitem__
+    result = Plan(config, images_per_rollout=ro.prompts * ro.group_size)
+
+    # encode: the text encoders on the GPU while the prompts are cached (priced); the transformer joins
+    # after (SD3Model), except a quantized one, which bitsandbytes loads onto the GPU directly
+    t5 = {"full": 2.0, "8bit": 1.0 + 1 / 64, "off": 0.0}[config.model.t5]
+    encoders = (TEXT_ENCODERS["clip_l"] + TEXT_ENCODERS["clip_g"]) * 2 + int(TEXT_ENCODERS["t5_xxl"] * t5)
+    in_flight = 16 * TEXT_TOKENS * 4096 * 2 * 8  # one batch of 16 prompts: a few T5 activations in flight
+    on_cpu = config.model.text_encoders == "cpu"
+    weights = _weights_bytes(model.transformer, q)["weights"] if q != "none" else 0
+    encode = {"weights": weights, "text encoders": 0 if on_cpu else encoders, "activations": 0 if on_cpu else in_flight}
+    result.phases.append(Phase("encode", sum(encode.values()), {k: v for k, v in encode.items() if v},
+                               note="the text encoders run on the CPU (model.text_encoders)" if on_cpu
+                               else "priced from parameter counts, not traced"))
+    for name in ("rollout", "decode", "update"):
+        result.phases.append(trace_phase(name, model, config, fake))
+    result.seconds = time.time() - start
+    return result
+
+
+def render(result: Plan, card: Card | None = None) -> str:
+    """The plan as a person reads it: one line per phase, what holds its peak, FLOPs, and the card's verdict."""
+    c = result.config
+    lines = [f"planned for {c.model.path or 'stabilityai/stable-diffusion-3.5-medium'} at {c.model.resolution} px: "
+             f"{result.images_per_rollout} images per rollout ({c.rollout.prompts} prompts x {c.rollout.group_size}), "
+             f"{'LoRA rank ' + str(c.lora.rank) if c.lora.enabled else 'full fine-tuning'}, base "
+             f"{c.model.quantize if c.model.quantize != 'none' else 'bf16'}, micro-batch {c.train.micro_batch or 'all'}, "
+             f"gradient checkpointing {'on' if c.train.gradient_checkpointing else 'off'}, T5 {c.model.t5}",
+             f"(fake tensors on this CPU, {result.seconds:.0f} s: planned, not measured on a GPU)", ""]
+    for p in result.phases:
+        held = ", ".join(f"{k} {v / GIB:.2f}" for k, v in sorted(p.holders.items(), key=lambda kv: -kv[1]) if v)
+        flops = f"{p.flops / 1e12:8.1f} TFLOP" if p.flops else " " * 14
+        lines.append(f"  {p.name:<8} peak {p.peak_bytes / GIB:6.2f} GiB  {flops}  ({held})")
+        lines.append(f"  {'':<8} {p.note}")
+    out = result.to_json(card)
+    lines += ["", f"  peak over the run {result.peak_bytes / GIB:.2f} GiB; FLOPs per rollout "
+                  f"{out['flops']['rollout'] / 1e12:.1f} T (sampling and decoding), per update "
+                  f"{out['flops']['update'] / 1e12:.1f} T"]
+    if card is not None:
+        budget = out["budget_bytes"]
+        verdict = "fits" if out["fits"] else "does NOT fit"
+        lines.append(f"  {card.name} ({card.memory_gib:g} GiB): {verdict}; the run may use {budget / GIB:.1f} GiB after "
+                     f"{MARGIN_CONTEXT / GIB:.1f} GiB for the CUDA context and {MARGIN_FRACTION:.0%} for the "
+                     "caching allocator's slack")
+        over = [f"{p.name} by {(p.peak_bytes - budget) / GIB:.2f} GiB" for p in result.phases if p.peak_bytes > budget]
+        if over:
+            lines.append(f"  over the budget: {', '.join(over)}")
+        est = out["estimate_seconds"]
+        lines.append(f"  estimate (FLOPs at {UTILISATION:.0%} of {card.bf16_tflops:g} bf16 TFLOPS, not a "
+                     f"measurement): {est['rollout']:.0f} s per rollout, {est['update']:.1f} s per update")
+    return "\n".join(lines)

@@ -1,0 +1,130 @@
+"""The planner (gpo_fast.plan, `gpo-fast plan`): on fake tensors it finds the live bytes and FLOPs that the
+same phase run on real tensors has, for a tiny and a mid-size SD3; what it sees moves with the config; every
+--vram preset of SD3.5 Medium plans under its card; bad input is one sentence."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpo_fast.config import VRAM_PRESETS, load_config
+from gpo_fast.models.testing import build_tiny_sd3
+from gpo_fast.plan import CARDS, GIB, Card, Plan, flop_counter, plan, trace_phase
+
+GPO_FAST = str(Path(sys.executable).with_name("gpo-fast"))
+
+
+def _config(folder, **extra):
+    sets = {"model.path": f'"{folder}"', "model.resolution": "32", "rollout.group_size": "4", "rollout.prompts": "2",
+            "train.micro_batch": "4", "rollout.batch_size": "4", "model.t5": '"off"', "lora.rank": "8", **extra}
+    return load_config(preset="sd35m-counting", overrides=[f"{k}={v}" for k, v in sets.items()])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"))
+
+
+@pytest.fixture(scope="module")
+def mid(tmp_path_factory):
+    """A mid-size SD3.5-shaped transformer: 2 blocks (one dual-attention) of width 768, 12 heads, about 50 M
+    parameters."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=64,
+        num_attention_heads=12, joint_attention_dim=32, caption_projection_dim=768, pooled_projection_dim=32,
+        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+    assert 20e6 < sum(p.numel() for p in transformer.parameters()) < 100e6
+    return build_tiny_sd3(tmp_path_factory.mktemp("mid_sd3"), transformer=transformer)
+
+
+def _real_model(folder, config):
+    from gpo_fast.models.sd3 import SD3Model
+
+    model = SD3Model.from_pretrained(str(folder), resolution=config.model.resolution, t5="off", dtype=torch.bfloat16,
+                                     prompts=["plan"])
+    model.requires_grad_(False)
+    model.add_lora(config.lora.rank, config.lora.alpha, config.lora.targets)
+    model.transformer.enable_gradient_checkpointing()
+    return model
+
+
+@pytest.mark.parametrize("which, phases", [("tiny", ("rollout", "update")), ("mid", ("rollout", "decode", "update"))])
+def test_the_fake_plan_finds_the_live_bytes_and_flops_of_the_real_run(which, phases, request):
+    folder = request.getfixturevalue(which)
+    config = _config(folder)
+    planned = plan(config)
+    real = _real_model(folder, config)
+    for name in phases:
+        measured = trace_phase(name, real, config)  # the same dispatch mode, on real tensors
+        assert planned.phase(name).peak_bytes == pytest.approx(measured.peak_bytes, rel=0.02), name
+        assert planned.phase(name).flops == measured.flops > 0, name
+        assert planned.phase(name).holders["weights"] == measured.holders["weights"]
+
+
+def test_what_the_plan_sees_moves_with_the_config(mid):
+    """Gradient checkpointing, a smaller micro-batch and nf4 lower the update's peak; micro-batches that cut
+    groups cost an extra policy forward (more FLOPs), whole groups do not."""
+    base = plan(_config(mid, **{"rollout.group_size": "4", "train.micro_batch": "4"})).phase("update")
+    no_checkpointing = plan(_config(mid, **{"train.gradient_checkpointing": "false"})).phase("update")
+    cutting = plan(_config(mid, **{"train.micro_batch": "2"})).phase("update")
+    nf4 = plan(_config(mid, **{"model.quantize": '"nf4"'})).phase("update")
+    assert no_checkpointing.holders["activations"] > base.holders["activations"]
+    assert cutting.holders["activations"] < base.holders["activations"]
+    assert cutting.flops > base.flops  # the policy errors of every sample first
+    assert nf4.holders["weights"] < 0.4 * base.holders["weights"]
+
+
+def test_attention_on_the_cpu_is_counted():
+    q = torch.randn(2, 3, 50, 16)
+    with flop_counter() as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert counter.get_total_flops() == 4 * 2 * 3 * 50 * 50 * 16  # QK^T and AV: 2 matmuls of 2 * L^2 * d
+
+
+@pytest.mark.parametrize("vram", sorted(VRAM_PRESETS))
+def test_every_vram_preset_of_sd35_medium_plans_under_its_card(vram):
+    counting = load_config(preset="sd35m-counting", overrides=VRAM_PRESETS[vram])
+    text = load_config(preset="sd35m-text", overrides=VRAM_PRESETS[vram])
+    for section in ("model", "lora", "rollout", "train"):  # what the plan depends on is the same in both presets
+        assert getattr(counting, section) == getattr(text, section)
+    planned = plan(counting)
+    budget = Plan.budget(planned, Card(f"{vram} GB", vram, 1, 1))
+    over = {p.name: round(p.peak_bytes / GIB, 2) for p in planned.phases if p.peak_bytes > budget}
+    assert over == {}, f"--vram {vram} plans over {budget / GIB:.2f} GiB"
+    assert planned.phase("update").flops > 0 and planned.phase("rollout").flops > planned.phase("update").flops
+
+
+def _cli(*args):
+    return subprocess.run([GPO_FAST, "plan", *args], capture_output=True, text=True)
+
+
+def test_the_cli_prints_json_with_the_card_verdict(tiny):
+    out = _cli("--set", f'model.path="{tiny}"', "--set", "model.resolution=32", "--set", 'model.t5="off"',
+               "--card", "rtx3090", "--json")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert set(got["phases"]) == {"encode", "rollout", "decode", "update"}
+    assert got["peak_bytes"] == max(got["phases"].values()) and got["card"] == "rtx3090" and got["fits"] is True
+    assert got["flops"]["rollout"] > 0 and got["flops"]["update"] > 0
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--card", "gtx480"], "unknown card 'gtx480'"),
+    (["--vram", "7"], "--vram 7 is not a preset"),
+    (["--set", 'model.path="someone/not-shipped"'], "model.path"),
+    (["--preset", "toy"], "SD3-family"),
+])
+def test_bad_input_is_one_sentence_exit_2(args, needle):
+    out = _cli(*args)
+    assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_the_cards_are_known():
+    assert {"rtx3090", "rtx4090", "rtx5090", "a100-40", "a100-80", "l40s", "h100"} <= set(CARDS)
