@@ -1,4 +1,4 @@
-"""The toy world: data, reward, model, sampler and pretraining (docs/toy-world.md)."""
+"""The toy world: data, reward, model, pretraining and the shipped base (docs/toy-world.md)."""
 
 import hashlib
 import json
@@ -9,7 +9,6 @@ import torch
 from gpo_fast.toy.evaluate import evaluate_toy
 from gpo_fast.toy.model import SHIPPED, ToyModel
 from gpo_fast.toy.reward import DotCountReward, count_dots
-from gpo_fast.sampling import sample
 from gpo_fast.toy.data import MAX_DOTS, count_in_prompt, render_dots
 from gpo_fast.toy.pretrain import PretrainConfig, noisy_captions, pretrain
 
