@@ -13,9 +13,9 @@ What fake tensors cannot see is added by name and priced from sizes: int8 / nf4 
 byte layout), the optimizer's states, the text encoders while prompts are cached (weights and one batch),
 and the CUDA context with the caching allocator's slack (MARGIN_*), which `fits` subtracts from the card.
 
-Traced on the CPU: no CUDA autocast. Linear layers, matmuls, convolutions and attention run in the
-weights' dtype (bf16) as under CUDA's autocast; CUDA's autocast also upcasts normalization layers to fp32,
-which this trace does not (their fp32 copies are transient; see README, "Planned memory").
+Traced under the CPU's bf16 autocast where the trainer runs CUDA's: the two treat linear layers (the fp32
+LoRA included), matmuls, convolutions and attention alike; CUDA's also upcasts normalization layers, pow,
+rsqrt, softmax and sums to fp32, which this trace does not model yet (see README, "Planned memory").
 A phase that repeats exactly is traced once: one micro-batch of the update (with the gradients of an
 earlier micro-batch already alive) and one sampler step; FLOPs are multiplied out.
 """
@@ -366,9 +366,13 @@ def trace_phase(name: str, model, config: Config, fake_mode=None) -> Phase:
     # checkpointing frees (seen: 5x the live bytes of a checkpointed SD3 update)
     live, flops = LiveBytes(), flop_counter()
     _track_residents(model, live)
-    with plain_pytorch(), (fake_mode or contextlib.nullcontext()), live:
+    # the trainer runs every phase under bf16 autocast on a GPU (components.autocast_for); here the CPU's, which
+    # treats linear layers, matmuls, convolutions and attention as CUDA's does (not normalization: module doc)
+    precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if _dtype(config) == torch.bfloat16 \
+        else contextlib.nullcontext
+    with plain_pytorch(), (fake_mode or contextlib.nullcontext()), precision(), live:
         fn(live)
-    with plain_pytorch(), (fake_mode or contextlib.nullcontext()), flops:
+    with plain_pytorch(), (fake_mode or contextlib.nullcontext()), precision(), flops:
         fn(LiveBytes())  # a fresh one, outside its mode: only `kind` is set on it
     holders = dict(live.at_peak)
     if config.model.quantize != "none":  # the base's Linear weights in bitsandbytes' layout, not bf16
