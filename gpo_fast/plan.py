@@ -9,9 +9,10 @@ How it is measured:
 - LiveBytes, a TorchDispatchMode, follows every storage from the op that makes it to its last reference,
   each rounded up to 512 B (the CUDA caching allocator's block), and keeps the peak and what was alive;
 - torch.utils.flop_counter.FlopCounterMode counts the FLOPs of the same run.
+The text encoders (CLIP-L, OpenCLIP-bigG, T5-XXL) are built from their configs and traced the same way.
 What fake tensors cannot see is added by name and priced from sizes: int8 / nf4 weights (bitsandbytes'
-byte layout), the optimizer's states, the text encoders while prompts are cached (weights and one batch),
-and the CUDA context with the caching allocator's slack (MARGIN_*), which `fits` subtracts from the card.
+byte layout), the optimizer's states, and the CUDA context with the caching allocator's slack (MARGIN_*),
+which `fits` subtracts from the card.
 
 Traced under the CPU's bf16 autocast where the trainer runs CUDA's: the two treat linear layers (the fp32
 LoRA included), matmuls, convolutions and attention alike; CUDA's also upcasts normalization layers, pow,
@@ -42,9 +43,19 @@ BLOCK = 512  # the CUDA caching allocator rounds every allocation up to 512 B
 MARGIN_CONTEXT = int(0.6 * GIB)  # CUDA context, cuBLAS workspace and kernels' own buffers (0.3-0.6 GiB seen)
 MARGIN_FRACTION = 0.10  # the caching allocator's fragmentation (typically 5-15% of what is allocated)
 TEXT_TOKENS = 77 + 256  # SD3's prompt: CLIP's 77 tokens, then T5's 256 (zeros when T5 is off)
-# Text encoders of SD3 / SD3.5 (parameters): CLIP ViT-L/14 text tower, OpenCLIP bigG text tower, T5 v1.1 XXL
-# encoder; priced, not traced (their configs are not shipped): weights plus one encoding batch.
-TEXT_ENCODERS = {"clip_l": 123_650_304, "clip_g": 694_659_840, "t5_xxl": 4_762_310_656}
+# SD3 / SD3.5's text encoders, as transformers' configs: CLIP ViT-L/14's text tower (123,650,304 parameters),
+# OpenCLIP bigG's (694,659,840) and T5 v1.1 XXL's encoder (4,762,310,656); tests/test_plan.py counts them.
+TEXT_ENCODERS = {
+    "clip_l": ("clip", dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                            projection_dim=768), 77),
+    "clip_g": ("clip", dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                            num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
+                            projection_dim=1280), 77),
+    "t5_xxl": ("t5", dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                          feed_forward_proj="gated-gelu"), 256),
+}
+ENCODE_BATCH = 16  # prompts per encoder call (SD3Model.cache_prompts)
 SHIPPED = {"stabilityai/stable-diffusion-3.5-medium": "sd35-medium",
            "stabilityai/stable-diffusion-3.5-large": "sd35-large"}
 
@@ -72,9 +83,12 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.live: dict[int, tuple[int, str]] = {}
-        self.now = self.peak = 0
+        self.made_by: dict[int, str] = {}  # storage -> "op shape dtype", for the largest temporaries
+        self.now = self.peak = self._snapshot = 0
         self.at_peak: dict[str, int] = {}
+        self.largest: list[tuple[int, str]] = []  # the largest activations alive near the peak
         self.kind = "activations"
+        self._op = ""
 
     def track(self, tensor: torch.Tensor, kind: str) -> None:
         storage = tensor.untyped_storage()
@@ -83,14 +97,21 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
             return
         size = -(-storage.nbytes() // BLOCK) * BLOCK
         self.live[key] = (size, kind)
+        if self._op:
+            self.made_by[key] = f"{self._op} {tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
         self.now += size
         weakref.finalize(storage, self._free, key)
         if self.now > self.peak:
             self.peak = self.now
             self.at_peak = self.by_kind()
+            if self.peak > self._snapshot * 1.005:  # the largest temporaries, within 0.5% of the peak
+                self._snapshot = self.peak
+                biggest = sorted(((s, k) for k, (s, kd) in self.live.items() if kd == "activations"), reverse=True)
+                self.largest = [(s, self.made_by.get(k, "?")) for s, k in biggest[:3]]
 
     def _free(self, key: int) -> None:
         size, _ = self.live.pop(key, (0, ""))
+        self.made_by.pop(key, None)
         self.now -= size
 
     def by_kind(self) -> dict[str, int]:
@@ -101,9 +122,11 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self._op = func.__name__
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.track(t, self.kind)
+        self._op = ""
         return out
 
 
@@ -201,8 +224,9 @@ class Phase:
     name: str
     peak_bytes: int  # traced live bytes at the phase's peak, plus what is priced
     holders: dict[str, int]  # what holds the peak, by kind
-    flops: int = 0  # per rollout (rollout, decode, encode) or per update (update)
+    flops: int = 0  # per rollout (rollout, decode) or per update (update)
     note: str = ""
+    largest: list = field(default_factory=list)  # (bytes, "op shape dtype") of the largest temporaries
 
 
 @dataclass
@@ -228,6 +252,7 @@ class Plan:
             "peak_bytes": self.peak_bytes,
             "phases": {p.name: p.peak_bytes for p in self.phases},
             "holders": {p.name: p.holders for p in self.phases},
+            "largest_temporaries": {p.name: [{"bytes": b, "what": w} for b, w in p.largest] for p in self.phases},
             "flops": {"rollout": self.phase("rollout").flops + self.phase("decode").flops,
                       "update": self.phase("update").flops},
             "images_per_rollout": self.images_per_rollout,
@@ -247,23 +272,23 @@ class Plan:
         return out
 
 
-def _weights_bytes(module: torch.nn.Module, quantize: str, trainable: bool = False) -> dict[str, int]:
-    """Bytes of a module's weights by kind, with int8 / nf4 Linear weights priced in bitsandbytes' layout:
-    int8 1 B per weight + one fp32 scale per row; nf4 half a byte per weight + one fp32 absmax per 64."""
+def _weights_bytes(module: torch.nn.Module, quantize: str) -> dict[str, int]:
+    """Bytes of a module's weights by kind, with the weights of its Linear layers priced in bitsandbytes' layout
+    where quantized: int8 1 B per weight + one fp32 scale per row; nf4 half a byte + one fp32 absmax per 64."""
     out = {"weights": 0, "lora": 0}
-    for name, p in module.named_parameters():
-        kind = "lora" if "lora_" in name else "weights"
-        if p.requires_grad and kind == "weights" and not trainable:
-            kind = "trained weights"
-        n = p.numel()
-        linear_weight = p.dim() == 2 and "lora_" not in name and name.endswith("weight")
-        if quantize == "int8" and linear_weight:
-            size = n + p.shape[0] * 4
-        elif quantize == "nf4" and linear_weight:
-            size = n // 2 + math.ceil(n / 64) * 4
-        else:
-            size = n * p.element_size()
-        out[kind] = out.get(kind, 0) + -(-size // BLOCK) * BLOCK
+    for module_name, sub in module.named_modules():
+        for name, p in sub.named_parameters(recurse=False):
+            full = f"{module_name}.{name}"
+            kind = "lora" if "lora_" in full else "weights"
+            n = p.numel()
+            quantized = isinstance(sub, torch.nn.Linear) and name == "weight" and "lora_" not in full
+            if quantize == "int8" and quantized:
+                size = n + p.shape[0] * 4
+            elif quantize == "nf4" and quantized:
+                size = n // 2 + math.ceil(n / 64) * 4
+            else:
+                size = n * p.element_size()
+            out[kind] = out.get(kind, 0) + -(-size // BLOCK) * BLOCK
     for b in module.buffers():
         out["weights"] += -(-b.untyped_storage().nbytes() // BLOCK) * BLOCK
     return out
@@ -379,7 +404,58 @@ def trace_phase(name: str, model, config: Config, fake_mode=None) -> Phase:
         holders["weights"] = _weights_bytes(model.transformer, config.model.quantize)["weights"]
     if name == "update":
         holders["optimizer state"] = _optimizer_bytes(trainable, tr.optimizer)
-    return Phase(name, sum(holders.values()), holders, int(flops.get_total_flops() * scale), note)
+    return Phase(name, sum(holders.values()), holders, int(flops.get_total_flops() * scale), note, live.largest)
+
+
+def fake_text_encoders(config: Config, fake_mode) -> dict[str, tuple[torch.nn.Module, int]]:
+    """The text encoders the config loads, on fake weights in bf16: name -> (encoder, tokens per prompt)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    default = torch.get_default_dtype()
+    out = {}
+    with fake_mode, _fake_modules_may_move():
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            for name, (family, cfg, tokens) in TEXT_ENCODERS.items():
+                if name == "t5_xxl" and config.model.t5 == "off":
+                    continue
+                model = (CLIPTextModelWithProjection(CLIPTextConfig(**cfg)) if family == "clip"
+                         else T5EncoderModel(T5Config(**cfg)))
+                out[name] = (model.eval().requires_grad_(False), tokens)
+        finally:
+            torch.set_default_dtype(default)
+    return out
+
+
+def trace_encode(config: Config, fake_mode, model) -> Phase:
+    """The prompt encoding: every text encoder on the GPU at once (SD3Model moves them together), one batch of
+    ENCODE_BATCH prompts through each, under no_grad; T5 in 8 bits is priced in bitsandbytes' int8 layout.
+    A quantized transformer is on the GPU already (bitsandbytes loads it there); a bf16 one joins after."""
+    holders = {}
+    if config.model.quantize != "none":
+        holders["weights"] = _weights_bytes(model.transformer, config.model.quantize)["weights"]
+    if config.model.text_encoders == "cpu":
+        return Phase("encode", sum(holders.values()), holders,
+                     note="the text encoders run on the CPU (model.text_encoders = 'cpu')")
+    encoders = fake_text_encoders(config, fake_mode)
+    live = LiveBytes()
+    for module, _ in encoders.values():
+        for t in [*module.parameters(), *module.buffers()]:
+            live.track(t, "text encoders")
+    with fake_mode, torch.no_grad(), live:
+        for name, (module, tokens) in encoders.items():
+            ids = torch.zeros((ENCODE_BATCH, tokens), dtype=torch.long)
+            if name.startswith("clip"):
+                module(ids, output_hidden_states=True)  # the pipeline takes hidden_states[-2]
+            else:
+                module(ids)
+    holders.update(live.at_peak)
+    if config.model.t5 == "8bit" and "t5_xxl" in encoders:
+        t5 = encoders["t5_xxl"][0]
+        holders["text encoders"] += _weights_bytes(t5, "int8")["weights"] - _weights_bytes(t5, "none")["weights"]
+    return Phase("encode", sum(holders.values()), holders,
+                 note=f"one batch of {ENCODE_BATCH} prompts through {', '.join(encoders)} traced",
+                 largest=live.largest)
 
 
 def plan(config: Config) -> Plan:
@@ -389,22 +465,12 @@ def plan(config: Config) -> Plan:
     start = time.time()
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     model = build_fake_model(config, fake)
-    ro, q = config.rollout, config.model.quantize
+    ro = config.rollout
     schedules = {k: model.schedule(k) for k in (1, ro.steps)}  # numbers, made outside the fake mode
     model.schedule = schedules.__getitem__
     result = Plan(config, images_per_rollout=ro.prompts * ro.group_size)
 
-    # encode: the text encoders on the GPU while the prompts are cached (priced); the transformer joins
-    # after (SD3Model), except a quantized one, which bitsandbytes loads onto the GPU directly
-    t5 = {"full": 2.0, "8bit": 1.0 + 1 / 64, "off": 0.0}[config.model.t5]
-    encoders = (TEXT_ENCODERS["clip_l"] + TEXT_ENCODERS["clip_g"]) * 2 + int(TEXT_ENCODERS["t5_xxl"] * t5)
-    in_flight = 16 * TEXT_TOKENS * 4096 * 2 * 8  # one batch of 16 prompts: a few T5 activations in flight
-    on_cpu = config.model.text_encoders == "cpu"
-    weights = _weights_bytes(model.transformer, q)["weights"] if q != "none" else 0
-    encode = {"weights": weights, "text encoders": 0 if on_cpu else encoders, "activations": 0 if on_cpu else in_flight}
-    result.phases.append(Phase("encode", sum(encode.values()), {k: v for k, v in encode.items() if v},
-                               note="the text encoders run on the CPU (model.text_encoders)" if on_cpu
-                               else "priced from parameter counts, not traced"))
+    result.phases.append(trace_encode(config, fake, model))
     for name in ("rollout", "decode", "update"):
         result.phases.append(trace_phase(name, model, config, fake))
     result.seconds = time.time() - start
@@ -425,6 +491,9 @@ def render(result: Plan, card: Card | None = None) -> str:
         flops = f"{p.flops / 1e12:8.1f} TFLOP" if p.flops else " " * 14
         lines.append(f"  {p.name:<8} peak {p.peak_bytes / GIB:6.2f} GiB  {flops}  ({held})")
         lines.append(f"  {'':<8} {p.note}")
+        if p.largest:
+            lines.append(f"  {'':<8} largest temporaries: " + "; ".join(f"{what} {size / 2**20:.0f} MiB"
+                                                                     for size, what in p.largest))
     out = result.to_json(card)
     lines += ["", f"  peak over the run {result.peak_bytes / GIB:.2f} GiB; FLOPs per rollout "
                   f"{out['flops']['rollout'] / 1e12:.1f} T (sampling and decoding), per update "

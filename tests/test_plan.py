@@ -112,6 +112,7 @@ def test_the_cli_prints_json_with_the_card_verdict(tiny):
     assert set(got["phases"]) == {"encode", "rollout", "decode", "update"}
     assert got["peak_bytes"] == max(got["phases"].values()) and got["card"] == "rtx3090" and got["fits"] is True
     assert got["flops"]["rollout"] > 0 and got["flops"]["update"] > 0
+    assert all(t["bytes"] > 0 and t["what"] for t in got["largest_temporaries"]["update"])
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -124,6 +125,20 @@ def test_bad_input_is_one_sentence_exit_2(args, needle):
     out = _cli(*args)
     assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_the_text_encoder_configs_are_sd3s():
+    """CLIP ViT-L/14's and OpenCLIP bigG's text towers and T5 v1.1 XXL's encoder, by their published sizes; T5 off
+    leaves it out."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from gpo_fast.plan import fake_text_encoders
+
+    counts = {name: sum(p.numel() for p in module.parameters())
+              for name, (module, _) in fake_text_encoders(load_config(preset="sd35m-text"), FakeTensorMode()).items()}
+    assert counts == {"clip_l": 123_650_304, "clip_g": 694_659_840, "t5_xxl": 4_762_310_656}
+    off = fake_text_encoders(load_config(preset="sd35m-text", overrides=['model.t5="off"']), FakeTensorMode())
+    assert set(off) == {"clip_l", "clip_g"}
 
 
 def test_the_cards_are_known():
