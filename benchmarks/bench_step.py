@@ -68,7 +68,7 @@ TOKENS = 333  # 77 CLIP tokens + 256 T5 tokens (StableDiffusion3Pipeline's max_s
 TINY_TOKENS = 8
 TINY_RESOLUTION = 64  # 8 x 8 latents
 FIELDS = ["gpu", "commit", "resolution", "group_size", "base", "train", "impl", "step_ms_median", "peak_alloc_gb",
-          "peak_reserved_gb", "loss_last", "status"]
+          "peak_reserved_gb", "loss_last", "status", "planned_gb"]
 
 
 @cache
@@ -238,6 +238,20 @@ def run_one(impl: str, resolution: int, g: int, base: str, train: str, args, dev
                 status="ok")
 
 
+def planned_update_gb(resolution: int, group_size: int, base: str, train: str, micro_batch: int) -> str:
+    """`gpo-fast plan`'s peak of the update phase for a row's configuration (fake tensors on the CPU), less the
+    VAE, which this benchmark's model does not hold: the planned figure beside the measured peak_alloc_gb."""
+    from gpo_fast.config import load_config
+    from gpo_fast.plan import GIB, plan
+
+    config = load_config(preset="sd35m-counting", overrides=[
+        f"model.resolution={resolution}", f"rollout.group_size={group_size}", "rollout.prompts=1",
+        f"train.micro_batch={micro_batch}", f'model.quantize="{"nf4" if base == "nf4" else "none"}"',
+        f"lora.enabled={'true' if train == 'lora' else 'false'}"])
+    update = plan(config, only="update").phase("update")
+    return f"{(update.peak_bytes - update.holders.get('vae', 0)) / GIB:.2f}"
+
+
 def append_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
     """Append rows to a CSV (its header first when the file is new), at once: a run cut short by a timeout
     keeps what it measured."""
@@ -254,9 +268,18 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+def ratio(row: dict) -> str:
+    """Measured peak over planned peak of a row, or '-'."""
+    try:
+        return f"{float(row['peak_alloc_gb']) / float(row['planned_gb']):.3f}"
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return "-"
+
+
 def summary(rows: list[dict]) -> str:
-    lines = ["| px | G | base | train | eager ms | ours ms | speed-up | eager peak GB | ours peak GB | memory |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| px | G | base | train | eager ms | ours ms | speed-up | eager peak GB | ours peak GB | memory | "
+             "ours planned GB | measured / planned |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     key = ("resolution", "group_size", "base", "train")
     for r in rows:
         if r["impl"] != "ours":
@@ -270,7 +293,8 @@ def summary(rows: list[dict]) -> str:
                if both and e["peak_alloc_gb"] and float(e["peak_alloc_gb"]) > 0 else "-")
         lines.append(f"| {r['resolution']} | {r['group_size']} | {r['base']} | {r['train']} | "
                      f"{e['step_ms_median'] or e['status']} | {r['step_ms_median'] or r['status']} | {speed} | "
-                     f"{e['peak_alloc_gb'] or '-'} | {r['peak_alloc_gb'] or '-'} | {mem} |")
+                     f"{e['peak_alloc_gb'] or '-'} | {r['peak_alloc_gb'] or '-'} | {mem} | "
+                     f"{r.get('planned_gb') or '-'} | {ratio(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -320,6 +344,12 @@ def main(argv=None) -> int:
                                 traceback.print_exc()
                             row.update(step_ms_median="", peak_alloc_gb="", peak_reserved_gb="", loss_last="",
                                        status=status.replace("\n", " "))
+                        row["planned_gb"] = ""
+                        if impl == "ours" and device.type == "cuda":  # planned beside measured (gpo-fast plan)
+                            try:
+                                row["planned_gb"] = planned_update_gb(res, g, base, train, args.micro_batch)
+                            except Exception:  # noqa: BLE001 - a planning failure must not sink the measurement
+                                traceback.print_exc()
                         gc.collect()  # the model, its optimizer and any failed step's frames, before the next
                         if device.type == "cuda":
                             torch.cuda.empty_cache()

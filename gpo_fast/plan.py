@@ -458,8 +458,8 @@ def trace_encode(config: Config, fake_mode, model) -> Phase:
                  largest=live.largest)
 
 
-def plan(config: Config) -> Plan:
-    """Plan the configured run: the phases' peak memory on the GPU and their FLOPs."""
+def plan(config: Config, only: str | None = None) -> Plan:
+    """Plan the configured run: the phases' peak memory on the GPU and their FLOPs (`only`: one phase)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     start = time.time()
@@ -470,9 +470,11 @@ def plan(config: Config) -> Plan:
     model.schedule = schedules.__getitem__
     result = Plan(config, images_per_rollout=ro.prompts * ro.group_size)
 
-    result.phases.append(trace_encode(config, fake, model))
+    if only in (None, "encode"):
+        result.phases.append(trace_encode(config, fake, model))
     for name in ("rollout", "decode", "update"):
-        result.phases.append(trace_phase(name, model, config, fake))
+        if only in (None, name):
+            result.phases.append(trace_phase(name, model, config, fake))
     result.seconds = time.time() - start
     return result
 

@@ -62,3 +62,16 @@ def test_bench_rollout_without_a_gpu_says_so_and_exits_0(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_rollout.py"), "--csv", str(tmp_path / "r.csv")],
                          capture_output=True, text=True)
     assert run.returncode == 0 and "needs a CUDA GPU" in run.stdout and not (tmp_path / "r.csv").exists()
+
+
+def test_the_planned_peak_beside_a_gpu_row_is_the_planners(monkeypatch):
+    """What gpu_check.sh puts beside each measured row: the planner's update peak for that row, without the VAE;
+    an nf4 base plans below a bf16 one by most of the transformer's weights."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_step
+
+    bf16 = float(bench_step.planned_update_gb(256, 2, "bf16", "lora", 0))
+    nf4 = float(bench_step.planned_update_gb(256, 2, "nf4", "lora", 0))
+    assert 4.5 < bf16 < 8 and bf16 - nf4 > 2.5  # SD3.5-M: 4.2 GiB of bf16 weights, 1.2 in nf4
+    assert bench_step.ratio({"peak_alloc_gb": "6.0", "planned_gb": "5.0"}) == "1.200"
+    assert bench_step.ratio({"peak_alloc_gb": "", "planned_gb": "5.0"}) == "-"
