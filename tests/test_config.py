@@ -28,6 +28,8 @@ def test_overrides_take_toml_values_and_bare_words_as_strings():
     (["model.kind=sd3"], "toy model goes with"),
     (['reward.kind="composite"', 'model.kind="sd3"', 'data.prompts="counting"'], "reward.weights"),
     (["train"], "section.key=value"),
+    (['model.kind="sd3"', 'data.prompts="counting"', 'reward.kind="yolo-count"', 'model.t5="8bit"',
+      'model.text_encoders="cpu"'], "model.t5 = '8bit' runs on the GPU only"),
     (["train.lr.x=1"], "train.lr"),
 ])
 def test_a_bad_value_is_one_config_error_naming_the_key(overrides, needle):

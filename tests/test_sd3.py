@@ -286,3 +286,18 @@ def test_cli_missing_or_empty_prompt_file_exit_2(tmp_path, content, needle):
                           "--out", str(tmp_path / "r")], capture_output=True, text=True)
     assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr + out.stdout
     assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_text_encoders_on_the_cpu_encode_the_same_prompts(tiny_sd3):
+    """model.text_encoders = "cpu": the prompts are encoded on the CPU (on a GPU machine the encoders never take
+    GPU memory); the embeddings are those of the default path."""
+    from gpo_fast.components import build_model
+    from gpo_fast.config import load_config
+
+    on_cpu = build_model(load_config(preset="sd35m-counting", overrides=[
+        f'model.path="{tiny_sd3}"', f"model.resolution={IMAGE_SIZE}", 'model.t5="off"', 'model.text_encoders="cpu"',
+        'device="cpu"']), torch.device("cpu"), trainable=False)
+    default = SD3Model.from_pretrained(str(tiny_sd3), resolution=IMAGE_SIZE, t5="off")
+    assert on_cpu._encode_device == torch.device("cpu")
+    a, b = on_cpu.encode_prompts([PROMPT]), default.encode_prompts([PROMPT])
+    assert torch.equal(a.hidden, b.hidden) and torch.equal(a.pooled, b.pooled)
