@@ -335,6 +335,12 @@ def main(argv=None) -> int:
                     for impl in ("eager", "ours"):
                         row = dict(gpu=gpu, commit=rev, resolution=res, group_size=g, base=base, train=train,
                                    impl=impl)
+                        row["planned_gb"] = ""
+                        if impl == "ours" and device.type == "cuda":  # planned (CPU) first: a timeout in it
+                            try:  # loses no measured row
+                                row["planned_gb"] = planned_update_gb(res, g, base, train, args.micro_batch)
+                            except Exception:  # noqa: BLE001 - a planning failure must not sink the measurement
+                                traceback.print_exc()
                         try:
                             row.update(run_one(impl, res, g, base, train, args, device, dtype, args.tiny))
                         except Exception as e:  # noqa: BLE001 - one configuration must not sink the grid
@@ -344,12 +350,6 @@ def main(argv=None) -> int:
                                 traceback.print_exc()
                             row.update(step_ms_median="", peak_alloc_gb="", peak_reserved_gb="", loss_last="",
                                        status=status.replace("\n", " "))
-                        row["planned_gb"] = ""
-                        if impl == "ours" and device.type == "cuda":  # planned beside measured (gpo-fast plan)
-                            try:
-                                row["planned_gb"] = planned_update_gb(res, g, base, train, args.micro_batch)
-                            except Exception:  # noqa: BLE001 - a planning failure must not sink the measurement
-                                traceback.print_exc()
                         gc.collect()  # the model, its optimizer and any failed step's frames, before the next
                         if device.type == "cuda":
                             torch.cuda.empty_cache()

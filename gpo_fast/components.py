@@ -106,10 +106,12 @@ def build_prompts(config: Config, classes: list[str] | None = None):
 
     source = config.data.prompts
     if source == "toy":
-        from gpo_fast.toy.data import PROMPTS, count_in_prompt
+        from gpo_fast.toy.data import MAX_DOTS, PROMPTS, count_in_prompt, prompt_for
 
-        prompts = [Prompt(text=p, task="toy", n=count_in_prompt(p)) for p in PROMPTS[1:]]
-        return prompts, prompts
+        train = [Prompt(text=p, task="toy", n=count_in_prompt(p)) for p in PROMPTS[1:]]
+        # what the toy evaluator draws: the word forms, one to MAX_DOTS dots (gpo_fast.toy.evaluate)
+        held = [Prompt(text=prompt_for(n), task="toy", n=n) for n in range(1, MAX_DOTS + 1)]
+        return train, held
     if source in ("counting", "text"):
         every = counting_prompts() if source == "counting" else text_prompts()
         return split_prompts(every, config.data.eval_fraction, seed=0)

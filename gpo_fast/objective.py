@@ -130,6 +130,8 @@ def group_losses(d: torch.Tensor, rewards: torch.Tensor, advantages: torch.Tenso
         total_weight = weight.sum(dim=(1, 2))
         # a degenerate group has no pair: keep its (masked-out) value finite
         return (weight * pair_loss).sum(dim=(1, 2)) / torch.where(total_weight > 0, total_weight, 1.0)
+    if spec.objective != "dpo":
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {spec.objective!r}")
     # dpo: argmax/argmin return the first index of the extreme value: lowest index on ties;
     # an excluded member is never the extreme of a non-degenerate group
     ok = torch.isfinite(rewards)
@@ -143,6 +145,8 @@ def reference_gpo_loss(pred: torch.Tensor, target: torch.Tensor, ref_err: torch.
                        spec: LossSpec | None = None, **keywords) -> torch.Tensor:
     """The GPO loss as docs/method.md writes it, differentiable by autograd; scalar float32 (float64 in,
     float64 out). The spec, or its fields as keywords (group_size=..., beta=..., objective=...)."""
+    if pred.shape != target.shape:
+        raise ValueError(f"target shape {tuple(target.shape)} does not match pred shape {tuple(pred.shape)}")
     return loss_from_errors(sample_mse(pred, target), ref_err, rewards, LossSpec.of(spec, keywords))
 
 

@@ -160,7 +160,11 @@ def model_configs(config: Config) -> tuple[dict, dict]:
         if missing:
             raise InputError(f"model.path {path} has no {missing[0]}; pass a diffusers SD3 folder "
                              "(transformer/ and vae/ with their config.json)")
-        return tuple(json.loads(f.read_text()) for f in files)
+        try:
+            return tuple(json.loads(f.read_text()) for f in files)
+        except ValueError as e:
+            raise InputError(f"model.path {path}: a config.json is not valid JSON ({e}); pass an intact diffusers "
+                             "SD3 folder") from None
     name = SHIPPED.get(path)
     if name is None:
         raise InputError(f"no config is shipped for {path} and nothing is downloaded to plan; download the model "
@@ -197,8 +201,12 @@ def build_fake_model(config: Config, fake_mode):
         torch.set_default_dtype(dtype)  # made in their dtype: no conversion of fake weights
         try:
             # buffers made in float32 on purpose (pos_embed) are cast as from_pretrained(torch_dtype=...) casts them
-            transformer = SD3Transformer2DModel(**_clean(transformer_cfg)).to(dtype)
-            vae = AutoencoderKL(**_clean(vae_cfg)).to(dtype)
+            try:
+                transformer = SD3Transformer2DModel(**_clean(transformer_cfg)).to(dtype)
+                vae = AutoencoderKL(**_clean(vae_cfg)).to(dtype)
+            except TypeError as e:  # a config of another model family
+                raise InputError(f"model.path {config.model.path}: not an SD3 transformer and VAE config ({e}); "
+                                 "gpo-fast plan plans SD3 / SD3.5 models") from None
         finally:
             torch.set_default_dtype(default)
             diffusers_logging.set_verbosity(level)
@@ -247,14 +255,16 @@ class Plan:
         """The bytes a run may allocate on the card: its memory less the context and the allocator's slack."""
         return int((card.memory_gib * GIB - MARGIN_CONTEXT) / (1 + MARGIN_FRACTION))
 
+    def _flops(self, name: str) -> int:
+        return sum(p.flops for p in self.phases if p.name == name)
+
     def to_json(self, card: Card | None = None) -> dict:
         out = {
             "peak_bytes": self.peak_bytes,
             "phases": {p.name: p.peak_bytes for p in self.phases},
             "holders": {p.name: p.holders for p in self.phases},
             "largest_temporaries": {p.name: [{"bytes": b, "what": w} for b, w in p.largest] for p in self.phases},
-            "flops": {"rollout": self.phase("rollout").flops + self.phase("decode").flops,
-                      "update": self.phase("update").flops},
+            "flops": {"rollout": self._flops("rollout") + self._flops("decode"), "update": self._flops("update")},
             "images_per_rollout": self.images_per_rollout,
             "card": None, "fits": None,
             "margin": {"context_bytes": MARGIN_CONTEXT, "allocator_fraction": MARGIN_FRACTION},
@@ -350,8 +360,8 @@ def trace_phase(name: str, model, config: Config, fake_mode=None) -> Phase:
     n = ro.prompts * ro.group_size
     batch = min(ro.batch_size or n, n)
     mb = tr.micro_batch if 0 < tr.micro_batch < n else n
-    # micro-batches of whole groups repeat exactly: trace one; micro-batches that cut groups: trace one group
-    traced_n = mb if mb % ro.group_size == 0 else ro.group_size
+    # micro-batches of whole groups repeat exactly: trace one; others cut groups: trace whole groups covering one
+    traced_n = mb if mb % ro.group_size == 0 else min(n, ro.group_size * math.ceil(mb / ro.group_size))
     trainable = model.trainable_parameters()
 
     def rollout(live):  # one sampler step of `batch` images with guidance (2x the batch), under no_grad
@@ -460,6 +470,8 @@ def trace_encode(config: Config, fake_mode, model) -> Phase:
 
 def plan(config: Config, only: str | None = None) -> Plan:
     """Plan the configured run: the phases' peak memory on the GPU and their FLOPs (`only`: one phase)."""
+    if only not in (None, "encode", "rollout", "decode", "update"):
+        raise ValueError(f"only must be one of encode, rollout, decode, update; got {only!r}")
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     start = time.time()
@@ -482,7 +494,9 @@ def plan(config: Config, only: str | None = None) -> Plan:
 def render(result: Plan, card: Card | None = None) -> str:
     """The plan as a person reads it: one line per phase, what holds its peak, FLOPs, and the card's verdict."""
     c = result.config
-    lines = [f"planned for {c.model.path or 'stabilityai/stable-diffusion-3.5-medium'} at {c.model.resolution} px: "
+    from gpo_fast.models.sd3 import DEFAULT_MODEL
+
+    lines = [f"planned for {c.model.path or DEFAULT_MODEL} at {c.model.resolution} px: "
              f"{result.images_per_rollout} images per rollout ({c.rollout.prompts} prompts x {c.rollout.group_size}), "
              f"{'LoRA rank ' + str(c.lora.rank) if c.lora.enabled else 'full fine-tuning'}, base "
              f"{c.model.quantize if c.model.quantize != 'none' else 'bf16'}, micro-batch {c.train.micro_batch or 'all'}, "

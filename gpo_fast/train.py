@@ -169,6 +169,8 @@ def train(config: Config, log=print, progress=None, on_update=None, resume: Path
 
 def setup(config: Config, log, resume: Path | None) -> Run:
     """Seeds, devices, the checkpoint to resume, prompts, reward, model, optimizer; then the run folder."""
+    import torch.utils.tensorboard  # noqa: F401 - a missing tensorboard fails here, before anything is written
+
     torch.manual_seed(config.seed)
     dist = Dist.from_env()  # one process, or one per GPU under `accelerate launch`
     if config.rollout.prompts % dist.world:

@@ -73,11 +73,38 @@ def test_what_the_plan_sees_moves_with_the_config(mid):
     base = plan(_config(mid, **{"rollout.group_size": "4", "train.micro_batch": "4"})).phase("update")
     no_checkpointing = plan(_config(mid, **{"train.gradient_checkpointing": "false"})).phase("update")
     cutting = plan(_config(mid, **{"train.micro_batch": "2"})).phase("update")
+    wider = plan(_config(mid, **{"train.micro_batch": "6"})).phase("update")  # cuts groups too, 6 at a time
     nf4 = plan(_config(mid, **{"model.quantize": '"nf4"'})).phase("update")
     assert no_checkpointing.holders["activations"] > base.holders["activations"]
     assert cutting.holders["activations"] < base.holders["activations"]
     assert cutting.flops > base.flops  # the policy errors of every sample first
+    assert wider.flops == cutting.flops and wider.holders["activations"] > base.holders["activations"]
     assert nf4.holders["weights"] < 0.4 * base.holders["weights"]
+
+
+def test_live_bytes_counts_blocks_births_and_deaths():
+    from gpo_fast.plan import LiveBytes
+
+    live = LiveBytes()
+    with live:
+        a = torch.empty(1024)  # 4096 B
+        b = torch.empty(100)  # 400 B -> one 512 B block
+        view = a[:10]  # a view allocates nothing
+        del a
+        after_free = live.now  # the view keeps a's storage alive
+        del view
+        c = torch.empty(2048)  # 8192 B
+    assert after_free == 4096 + 512 and live.peak == 512 + 8192 and live.now == 512 + 8192
+    assert live.by_kind() == {"activations": 512 + 8192} and b.numel() == 100 and c.numel() == 2048
+
+
+def test_a_broken_model_folder_is_one_sentence(tmp_path):
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text("{not json")
+    (tmp_path / "vae" / "config.json").write_text("{}")
+    out = _cli("--set", f'model.path="{tmp_path}"')
+    assert out.returncode == 2 and "not valid JSON" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_attention_on_the_cpu_is_counted():

@@ -121,7 +121,7 @@ class SD3Model(AdapterMixin, torch.nn.Module):
             raise ModelLoadError(_load_error(path, local, e)) from None
         if attention == "xformers":
             _enable_xformers(pipe.transformer, device)
-        key = f"{Path(source).resolve() if local else source}|t5={t5}|{dtype}"
+        key = f"{Path(source).resolve() if local else source}|t5={t5}|{dtype}|encoders={text_encoders}"
         return cls(pipe, resolution, device, dtype, embeds_cache=embeds_cache, vae_tiling=vae_tiling, cache_key=key,
                    prompts=prompts, text_encoders=text_encoders)
 
