@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -48,11 +50,9 @@ FIELDS = ["gpu", "commit", "model", "resolution", "group_size", "steps", "cfg", 
 PROMPT = "a photo of three cats"
 # SD3.5 Medium's vae/config.json (https://huggingface.co/Prgckwb/trpfrog-sd3.5-medium/blob/12d3330/vae/config.json,
 # saved from stabilityai/stable-diffusion-3.5-medium snapshot b940f670; SD3 Medium's VAE is the same)
-SD35M_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                 up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                 act_fn="silu", latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=1.5305,
-                 shift_factor=0.0609, force_upcast=True, use_quant_conv=False, use_post_quant_conv=False,
-                 mid_block_add_attention=True)
+# shipped in the package as gpo_fast/data/sd35-medium.json (which `gpo-fast plan` reads too)
+SD35M_VAE = {k: v for k, v in json.loads(resources.files("gpo_fast").joinpath("data/sd35-medium.json").read_text())[
+    "vae"].items() if not k.startswith("_")}
 # gpo_fast.models.testing's tiny pipeline (32 px, VAE scale 2)
 TINY_TRANSFORMER = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,

@@ -36,6 +36,7 @@ import argparse
 import atexit
 import csv
 import gc
+import json
 import os
 import shutil
 import statistics
@@ -44,6 +45,7 @@ import tempfile
 import time
 import traceback
 from functools import cache
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -57,10 +59,9 @@ RESULTS = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "resul
 # outputs (caption_projection_dim = 24 heads x 64); the model built from this config holds 2.243 B
 # parameters plus the 226 M-entry pos_embed buffer, 4.94 GB in bf16, the size of the hub's
 # diffusion_pytorch_model.safetensors.
-SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-             pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
-             dual_attention_layers=tuple(range(13)))
+# The config ships in the package (gpo_fast/data/sd35-medium.json, which `gpo-fast plan` reads too).
+SD35M = {k: v for k, v in json.loads(resources.files("gpo_fast").joinpath("data/sd35-medium.json").read_text())[
+    "transformer"].items() if not k.startswith("_")}
 TINY = dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
             num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
             pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,))

@@ -76,6 +76,11 @@ CARDS = {c.name: c for c in (
 UTILISATION = 0.35  # the share of the bf16 peak a time estimate assumes (an estimate, not a measurement)
 
 
+def _blocks(nbytes: int) -> int:
+    """Bytes rounded up to the caching allocator's 512 B blocks."""
+    return -(-nbytes // BLOCK) * BLOCK
+
+
 class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
     """Live bytes of tensor storages: every output storage of every op counted once, until it dies.
     `track` registers tensors that exist before (weights), under a kind; `kind` tags what ops make now."""
@@ -95,7 +100,7 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         key = storage._cdata
         if key in self.live:
             return
-        size = -(-storage.nbytes() // BLOCK) * BLOCK
+        size = _blocks(storage.nbytes())
         self.live[key] = (size, kind)
         if self._op:
             self.made_by[key] = f"{self._op} {tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
@@ -298,9 +303,9 @@ def _weights_bytes(module: torch.nn.Module, quantize: str) -> dict[str, int]:
                 size = n // 2 + math.ceil(n / 64) * 4
             else:
                 size = n * p.element_size()
-            out[kind] = out.get(kind, 0) + -(-size // BLOCK) * BLOCK
+            out[kind] = out.get(kind, 0) + _blocks(size)
     for b in module.buffers():
-        out["weights"] += -(-b.untyped_storage().nbytes() // BLOCK) * BLOCK
+        out["weights"] += _blocks(b.untyped_storage().nbytes())
     return out
 
 

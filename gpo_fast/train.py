@@ -34,6 +34,7 @@ from gpo_fast.components import Task, autocast_for, build_evaluator, build_model
 from gpo_fast.config import Config, dump_config, resume_conflicts
 from gpo_fast.distributed import Dist
 from gpo_fast.errors import InputError, UserError
+from gpo_fast.evaluate import Evaluator
 from gpo_fast.prompts import write_jsonl
 from gpo_fast.report import gain_interval, save_before_after, save_grid, save_reward_curve, write_atomic, write_json
 from gpo_fast.sampling import rollout
@@ -89,7 +90,7 @@ class Run:
     out: Path
     dist: Dist
     task: Task
-    evaluator: Callable
+    evaluator: Evaluator
     model: object
     opt: torch.optim.Optimizer
     sched: object

@@ -64,7 +64,7 @@ def test_bench_rollout_without_a_gpu_says_so_and_exits_0(tmp_path):
     assert run.returncode == 0 and "needs a CUDA GPU" in run.stdout and not (tmp_path / "r.csv").exists()
 
 
-def test_the_planned_peak_beside_a_gpu_row_is_the_planners(monkeypatch):
+def test_the_planned_peak_beside_a_gpu_row_is_the_planners():
     """What gpu_check.sh puts beside each measured row: the planner's update peak for that row, without the VAE;
     an nf4 base plans below a bf16 one by most of the transformer's weights."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
