@@ -14,9 +14,10 @@ What fake tensors cannot see is added by name and priced from sizes: int8 / nf4 
 byte layout), the optimizer's states, and the CUDA context with the caching allocator's slack (MARGIN_*),
 which `fits` subtracts from the card.
 
-Traced under the CPU's bf16 autocast where the trainer runs CUDA's: the two treat linear layers (the fp32
-LoRA included), matmuls, convolutions and attention alike; CUDA's also upcasts normalization layers, pow,
-rsqrt, softmax and sums to fp32, which this trace does not model yet (see README, "Planned memory").
+Traced under the CPU's bf16 autocast with CUDA's rules added (cuda_autocast_rules): the two treat linear
+layers (the fp32 LoRA included), matmuls, convolutions and attention alike, and CUDA's also runs normalization
+layers, pow, rsqrt, exp, softmax, sums and nearest/bilinear upsampling in fp32, whose fp32 outputs and input
+copies are part of the GPU's peak.
 A phase that repeats exactly is traced once: one micro-batch of the update (with the gradients of an
 earlier micro-batch already alive) and one sampler step; FLOPs are multiplied out.
 """
@@ -340,6 +341,74 @@ def flop_counter():
         aten._scaled_dot_product_flash_attention_for_cpu_backward: backward})
 
 
+# CUDA's autocast runs these in fp32 and the CPU's does not (torch/include/ATen/autocast_mode.h, AT_FORALL_FP32
+# and AT_FORALL_FP32_SET_OPT_DTYPE); the ops the CPU's autocast already runs in fp32 keep its own kernel
+CUDA_FP32_OPS = (
+    "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt", "sinh",
+    "tan", "pow.Tensor_Scalar", "pow.Tensor_Tensor", "pow.Scalar", "softplus", "layer_norm", "native_layer_norm",
+    "rms_norm", "group_norm", "frobenius_norm.dim", "nuclear_norm", "nuclear_norm.dim", "cosine_similarity",
+    "poisson_nll_loss", "cosine_embedding_loss", "nll_loss", "nll_loss2d", "hinge_embedding_loss", "kl_div",
+    "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss", "margin_ranking_loss", "multilabel_margin_loss",
+    "soft_margin_loss", "triplet_margin_loss", "multi_margin_loss", "binary_cross_entropy_with_logits", "dist",
+    "pdist", "cdist", "renorm", "logsumexp", "upsample_nearest1d", "_upsample_nearest_exact1d", "upsample_nearest2d",
+    "_upsample_nearest_exact2d", "upsample_nearest3d", "_upsample_nearest_exact3d", "upsample_linear1d",
+    "upsample_bilinear2d", "_upsample_bilinear2d_aa", "upsample_trilinear3d", "upsample_bicubic2d",
+    "_upsample_bicubic2d_aa")
+CUDA_FP32_SET_OPT_DTYPE_OPS = (
+    "prod", "prod.dim_int", "softmax.int", "log_softmax.int", "cumprod", "cumsum", "linalg_vector_norm",
+    "linalg_matrix_norm", "linalg_matrix_norm.str_ord", "sum", "sum.dim_IntList")
+_LOWER = (torch.bfloat16, torch.float16)
+
+
+def _overload(name: str):
+    op, _, overload = name.partition(".")
+    return getattr(getattr(torch.ops.aten, op), overload or "default")
+
+
+def _cuda_autocast_kernel(op, set_dtype: bool):
+    """A kernel for the CPU's autocast key that does what CUDA's does for `op`: cast bf16/fp16 tensors to fp32
+    (policy fp32), or set an unset `dtype` argument to fp32 when the first tensor is eligible (fp32_set_opt_dtype)."""
+    from torch.utils._pytree import tree_map
+
+    below = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+    names = [a.name for a in op._schema.arguments]
+    at = names.index("dtype") if "dtype" in names else None
+
+    def eligible(t) -> bool:
+        return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+
+    def kernel(*args, **kwargs):
+        with torch._C._ExcludeDispatchKeyGuard(below):
+            if not set_dtype:
+                def cast(t):
+                    return t.float() if eligible(t) and t.dtype in _LOWER else t
+                return op(*tree_map(cast, args), **tree_map(cast, kwargs))
+            if eligible(args[0]):
+                if at is not None and at < len(args):
+                    if args[at] is None:
+                        args = (*args[:at], torch.float32, *args[at + 1:])
+                elif kwargs.get("dtype") is None:
+                    kwargs = {**kwargs, "dtype": torch.float32}
+            return op(*args, **kwargs)
+    return kernel
+
+
+@contextlib.contextmanager
+def cuda_autocast_rules():
+    """While open, the CPU's autocast also follows CUDA's fp32 rules (CUDA_FP32_OPS): the trace then makes the fp32
+    tensors a GPU run makes. Registered on the CPU's autocast key for the duration only."""
+    lib = torch.library.Library("aten", "IMPL")
+    try:
+        for names, set_dtype in ((CUDA_FP32_OPS, False), (CUDA_FP32_SET_OPT_DTYPE_OPS, True)):
+            for name in names:
+                if torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{name}", "AutocastCPU"):
+                    continue  # the CPU's autocast has a policy of its own for it (fp32 for all of these)
+                lib.impl(name, _cuda_autocast_kernel(_overload(name), set_dtype), "AutocastCPU")
+        yield
+    finally:
+        lib._destroy()
+
+
 def _track_residents(model, live: LiveBytes) -> None:
     """The weights already on the GPU when a phase starts: the transformer (LoRA apart), a frozen copy, the VAE."""
     for name, p in model.transformer.named_parameters():
@@ -406,10 +475,15 @@ def trace_phase(name: str, model, config: Config, fake_mode=None) -> Phase:
     # checkpointing frees (seen: 5x the live bytes of a checkpointed SD3 update)
     live, flops = LiveBytes(), flop_counter()
     _track_residents(model, live)
-    # the trainer runs every phase under bf16 autocast on a GPU (components.autocast_for); here the CPU's, which
-    # treats linear layers, matmuls, convolutions and attention as CUDA's does (not normalization: module doc)
-    precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if _dtype(config) == torch.bfloat16 \
-        else contextlib.nullcontext
+    # the trainer runs every phase under CUDA's bf16 autocast (components.autocast_for); here the CPU's with
+    # CUDA's fp32 rules added
+    def precision():
+        if _dtype(config) != torch.bfloat16:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(cuda_autocast_rules())
+        stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+        return stack
     with plain_pytorch(), (fake_mode or contextlib.nullcontext()), precision(), live:
         fn(live)
     with plain_pytorch(), (fake_mode or contextlib.nullcontext()), precision(), flops:

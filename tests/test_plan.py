@@ -12,7 +12,8 @@ import torch
 
 from gpo_fast.config import VRAM_PRESETS, load_config
 from gpo_fast.models.testing import build_tiny_sd3
-from gpo_fast.plan import CARDS, GIB, Card, Plan, flop_counter, plan, trace_phase
+from gpo_fast.plan import (CARDS, CUDA_FP32_OPS, CUDA_FP32_SET_OPT_DTYPE_OPS, GIB, Card, Plan, cuda_autocast_rules,
+                           flop_counter, plan, trace_phase)
 
 GPO_FAST = str(Path(sys.executable).with_name("gpo-fast"))
 
@@ -112,6 +113,37 @@ def test_attention_on_the_cpu_is_counted():
     with flop_counter() as counter:
         torch.nn.functional.scaled_dot_product_attention(q, q, q)
     assert counter.get_total_flops() == 4 * 2 * 3 * 50 * 50 * 16  # QK^T and AV: 2 matmuls of 2 * L^2 * d
+
+
+def test_the_trace_follows_cudas_autocast_rules_while_open_only():
+    x = torch.randn(2, 4, 8, 8, dtype=torch.bfloat16, requires_grad=True)
+    with cuda_autocast_rules(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.functional.layer_norm(x, (8,)).dtype == torch.float32
+        assert torch.nn.functional.group_norm(x, 2).dtype == torch.float32
+        assert torch.nn.functional.interpolate(x, scale_factor=2.0).dtype == torch.float32
+        assert torch.softmax(x, -1).dtype == x.sum(1).dtype == x.pow(2).dtype == torch.float32
+        assert torch.softmax(x, -1, dtype=torch.float16).dtype == torch.float16  # an explicit dtype stands
+        assert (x @ x).dtype == torch.nn.functional.gelu(x).dtype == torch.bfloat16  # as on CUDA
+        torch.nn.functional.layer_norm(x, (8,)).sum().backward()
+    assert x.grad.dtype == torch.bfloat16  # the cast is on the autograd tape
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.functional.layer_norm(x, (8,)).dtype == torch.bfloat16  # the CPU's own rules again
+
+
+def test_the_cuda_rules_are_the_installed_torchs():
+    """The op lists equal the ones in the installed torch's autocast header (when the wheel ships headers)."""
+    import re
+
+    header = Path(torch.__file__).parent / "include" / "ATen" / "autocast_mode.h"
+    if not header.exists():
+        pytest.skip(f"this torch install has no C++ headers ({header} is missing)")
+    text = header.read_text()
+
+    def listed(macro):
+        body = re.search(rf"#define {macro}\(_\)(.*?)\n\n", text, re.S).group(1)
+        return tuple(".".join(x.strip() for x in m.split(",")) for m in re.findall(r"_\(([^)]*)\)", body))
+    assert CUDA_FP32_OPS == listed("AT_FORALL_FP32")
+    assert CUDA_FP32_SET_OPT_DTYPE_OPS == listed("AT_FORALL_FP32_SET_OPT_DTYPE")
 
 
 @pytest.mark.parametrize("vram", sorted(VRAM_PRESETS))
