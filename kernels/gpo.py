@@ -57,7 +57,7 @@ def _standardize(rewards_ptr, n, member, is_group, eps_std, min_std):
     # zero advantages in degenerate groups: with eps_std = 0 they would be 0/0
     denom = tl.where(valid, std + eps_std, 1.0)
     adv = tl.where(valid[:, None], centered / denom[:, None], 0.0)
-    return r, ok, adv, valid
+    return r, ok, adv, valid, mu, denom
 
 
 @triton.jit
@@ -65,7 +65,7 @@ def _gpo_finalize_kernel(
     partial_ptr, ref_err_ptr, rewards_ptr, loss_ptr, coef_ptr, err_ptr,
     P, NC, D, beta, eps_std, min_std,
     G: tl.constexpr, OBJECTIVE: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     # tiles of BLOCK_P groups x BLOCK_G members; the groups are walked in blocks so that the tiles
     # (BLOCK_P * BLOCK_G^2 elements for gpo-pairs) stay small for any number of groups
@@ -77,7 +77,7 @@ def _gpo_finalize_kernel(
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         member = (p[:, None] < P) & (g < G)
-        _, _, _, valid = _standardize(rewards_ptr, p[:, None] * G + g, member, p < P, eps_std, min_std)
+        valid = _standardize(rewards_ptr, p[:, None] * G + g, member, p < P, eps_std, min_std)[3]
         valid_count += valid.to(tl.float32)
     n_valid = tl.maximum(tl.sum(valid_count, axis=0), 1.0)
 
@@ -95,22 +95,47 @@ def _gpo_finalize_kernel(
             acc += tl.sum(tl.load(partial_ptr + n[:, :, None] * NC + c0 + c3, mask=mask, other=0.0), axis=2)
         e = acc / D
         f = tl.load(ref_err_ptr + n, mask=member, other=0.0).to(tl.float32)
-        r, ok, adv, valid = _standardize(rewards_ptr, n, member, p < P, eps_std, min_std)
+        r, ok, adv, valid, mu, denom = _standardize(rewards_ptr, n, member, p < P, eps_std, min_std)
         d = tl.where(ok, e - f, 0.0)  # an excluded member's d never enters, even when not finite
+        tl.store(err_ptr + n, e, mask=member)
 
         if OBJECTIVE == 0:  # gpo: l(sum_i A_i d_i)
             z = beta * tl.sum(adv * d, axis=1)
             group_loss = _softplus(z)
             dl_dd = (beta * _sigmoid(z))[:, None] * adv
         elif OBJECTIVE == 1:  # gpo-pairs: sum over r_i > r_j of (A_i - A_j) l(d_i - d_j), normalised
-            better = ok[:, :, None] & ok[:, None, :] & (r[:, :, None] > r[:, None, :])
-            w = tl.where(better, adv[:, :, None] - adv[:, None, :], 0.0)
-            w_sum = tl.sum(tl.sum(w, axis=2), axis=1)
+            # the pair tile is walked BLOCK_I rows i at a time (BLOCK_P x BLOCK_I x BLOCK_G elements), so a group of
+            # 256 needs no 256 x 256 tile (its layout changes would take 256 KB of shared memory); the rows' values
+            # come from memory: e from err_ptr, just written (the barrier makes it visible to every thread)
+            tl.debug_barrier()
+            i_ = tl.arange(0, BLOCK_I)[None, :]
+            w_sum = tl.zeros([BLOCK_P], dtype=tl.float32)
+            loss_sum = tl.zeros([BLOCK_P], dtype=tl.float32)
+            as_i = tl.zeros([BLOCK_P, BLOCK_G], dtype=tl.float32)  # sum_j m_ij, for each member i
+            as_j = tl.zeros([BLOCK_P, BLOCK_G], dtype=tl.float32)  # sum_i m_ij, for each member j
+            for i0 in range(0, BLOCK_G, BLOCK_I):
+                row = (p[:, None] < P) & (i0 + i_ < G)
+                ni = p[:, None] * G + i0 + i_
+                ri = tl.load(rewards_ptr + ni, mask=row, other=0.0).to(tl.float32)
+                oki = row & (tl.abs(ri) < float("inf"))
+                ri = tl.where(oki, ri, 0.0)
+                advi = tl.where(valid[:, None] & oki, (ri - mu[:, None]) / denom[:, None], 0.0)
+                ei = tl.load(err_ptr + ni, mask=row, other=0.0)
+                fi = tl.load(ref_err_ptr + ni, mask=row, other=0.0).to(tl.float32)
+                di = tl.where(oki, ei - fi, 0.0)
+                better = oki[:, :, None] & ok[:, None, :] & (ri[:, :, None] > r[:, None, :])
+                w = tl.where(better, advi[:, :, None] - adv[:, None, :], 0.0)
+                zij = beta * (di[:, :, None] - d[:, None, :])
+                w_sum += tl.sum(tl.sum(w, axis=2), axis=1)
+                loss_sum += tl.sum(tl.sum(w * _softplus(zij), axis=2), axis=1)
+                m = w * (beta * _sigmoid(zij))
+                # the row sums of this block, put at their members' places in the group
+                at = (i0 + i_)[:, :, None] == g[:, None, :]
+                as_i += tl.sum(tl.where(at, tl.sum(m, axis=2)[:, :, None], 0.0), axis=1)
+                as_j += tl.sum(m, axis=1)
             w_sum = tl.where(w_sum > 0, w_sum, 1.0)
-            zij = beta * (d[:, :, None] - d[:, None, :])
-            group_loss = tl.sum(tl.sum(w * _softplus(zij), axis=2), axis=1) / w_sum
-            m = w * (beta * _sigmoid(zij)) / w_sum[:, None, None]
-            dl_dd = tl.sum(m, axis=2) - tl.sum(m, axis=1)  # as the i of a pair, minus as its j
+            group_loss = loss_sum / w_sum
+            dl_dd = (as_i - as_j) / w_sum[:, None]  # as the i of a pair, minus as its j
         else:  # dpo: l(d_best - d_worst), lowest index on ties
             r_max = tl.max(tl.where(ok, r, float("-inf")), axis=1)
             r_min = tl.min(tl.where(ok, r, float("inf")), axis=1)
@@ -124,12 +149,21 @@ def _gpo_finalize_kernel(
 
         loss_acc += tl.where(valid, group_loss, 0.0)
         tl.store(coef_ptr + n, tl.where(valid[:, None] & member, dl_dd / n_valid, 0.0), mask=member)
-        tl.store(err_ptr + n, e, mask=member)
     tl.store(loss_ptr, tl.sum(loss_acc, axis=0) / n_valid)
 
 
 # Largest tile (elements) one finalize step holds; tests lower it to walk several group blocks.
 FINALIZE_TILE = 4096
+
+
+def finalize_warps(tile: int) -> int:
+    """Warps for a finalize program whose largest tile holds `tile` elements (BLOCK_P * BLOCK_G, or BLOCK_P *
+    BLOCK_I * BLOCK_G for gpo-pairs' block of pairs; at most FINALIZE_TILE): 4 up to 256, then 8 (16 elements of
+    a 4096 tile per thread), which keeps every variant free of register spills on sm_80-sm_90 for groups up to
+    256 (benchmarks/compile_kernels.py). A larger tile would take up to 32 warps, the most a block holds."""
+    if tile <= 256:
+        return 4
+    return min(32, max(8, triton.next_power_of_2(tile) // 512))
 
 
 def gpo_forward(
@@ -145,15 +179,20 @@ def gpo_forward(
     coef = torch.empty(n, device=pred2d.device, dtype=torch.float32)
     policy_err = torch.empty(n, device=pred2d.device, dtype=torch.float32)
     block_g = triton.next_power_of_2(group_size)
-    per_group = block_g * block_g if spec.objective == "gpo-pairs" else block_g
+    # gpo-pairs walks its pair tile in blocks of rows: a whole group's when it fits the tile
+    block_i = min(block_g, max(1, FINALIZE_TILE // block_g)) if spec.objective == "gpo-pairs" else 1
+    per_group = block_i * block_g if spec.objective == "gpo-pairs" else block_g
     block_p = max(1, min(triton.next_power_of_2(n_groups), FINALIZE_TILE // per_group))
     block_c = max(1, min(triton.next_power_of_2(n_chunks), FINALIZE_TILE // (block_p * block_g)))
+    warps = finalize_warps(block_p * per_group)
+    # one program: occupancy does not matter, registers do; without a cap ptxas aims at 32 registers on sm_90 and
+    # spills a few bytes in some variants (benchmarks/compile_kernels.py), with one it takes what the block allows
     _gpo_finalize_kernel[(1,)](
         partials, ref_err, rewards, loss, coef, policy_err,
         n_groups, n_chunks, d, float(spec.beta), float(spec.eps_std), float(spec.min_std),
         G=group_size, OBJECTIVE=OBJECTIVE_IDS[spec.objective],
-        BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_C=block_c,
-        num_warps=4 if block_p * block_g <= 256 else 8,
+        BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_I=block_i,
+        num_warps=warps, maxnreg=min(255, 65536 // (32 * warps)),
     )
     return loss, coef, policy_err
 

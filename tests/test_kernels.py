@@ -52,6 +52,18 @@ def test_parity_float32(kernel_device, objective, group_size, shape):
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("group_size", [128, 256])
+def test_parity_large_groups(kernel_device, objective, group_size):
+    """Groups past 64 take the launcher's widest tiles and most warps (benchmarks/compile_kernels.py: they compile
+    for sm_80-sm_90); the results stay the reference's."""
+    batch = make_batch(2 * group_size, (3, 5), torch.float32, kernel_device, seed=group_size)
+    (k_loss, k_grad), (r_loss, r_grad) = _both(batch, group_size=group_size, beta=4.0, objective=objective)
+    torch.testing.assert_close(k_loss, r_loss, **TOL[torch.float32]["loss"])
+    torch.testing.assert_close(k_grad, r_grad, **TOL[torch.float32]["grad"])
+    assert k_grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("group_size", [3, 4])
 def test_parity_bfloat16(kernel_device, objective, group_size):
     batch = make_batch(3 * group_size, (4, 6, 6), torch.bfloat16, kernel_device, seed=7)
