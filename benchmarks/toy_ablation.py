@@ -1,10 +1,11 @@
-"""The paper's comparison in miniature: gpo, gpo-pairs and dpo on the toy world, same budget, 3 seeds each.
+"""The paper's comparison in miniature: gpo, gpo-pairs, dpo (and gpo with beta per member) on the toy world, same
+budget, 3 seeds each.
 
 Each run is `gpo-fast train` with the default (toy) preset and one objective; rows are appended to
 benchmarks/results/toy.csv (machine, commit, objective, seed, accuracy before/after, gain, wall time)
 and a table of mean and spread per objective is printed (Markdown, for the README).
 
-    python benchmarks/toy_ablation.py                       # 3 objectives x 3 seeds, ~45 min on 2 cores
+    python benchmarks/toy_ablation.py                       # 4 settings x 3 seeds, ~1 h on 2 cores
     python benchmarks/toy_ablation.py --objectives gpo --seeds 0
 """
 
@@ -28,6 +29,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["machine", "threads", "commit", "objective", "seed", "accuracy_before", "accuracy_after", "gain",
           "gain_ci95_low", "gain_ci95_high", "blank_before", "blank_after", "best_rollout", "rollouts",
           "wall_seconds"]
+
+
+# a setting: the config keys it changes from the default toy preset
+SETTINGS = {
+    "gpo": ['train.objective="gpo"'],
+    "gpo-pairs": ['train.objective="gpo-pairs"'],
+    "dpo": ['train.objective="dpo"'],
+    "gpo-per-member": ['train.objective="gpo"', "train.beta_per_member=true"],  # beta / G
+}
 
 
 def machine() -> str:
@@ -64,7 +74,8 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--objectives", nargs="+", default=["gpo", "gpo-pairs", "dpo"])
+    ap.add_argument("--objectives", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
+                    help="settings to run (objective, or gpo-per-member: gpo with train.beta_per_member)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--runs", type=Path, default=Path("runs/toy-ablation"), help="where the run folders go")
     ap.add_argument("--csv", type=Path, default=RESULTS / "toy.csv")
@@ -75,8 +86,7 @@ def main(argv=None) -> int:
     for objective in args.objectives:
         for seed in args.seeds:
             out = args.runs / f"{objective}-seed{seed}"
-            cfg = load_config(overrides=[f'train.objective="{objective}"', f"seed={seed}", f'out="{out}"',
-                                         *args.overrides])
+            cfg = load_config(overrides=[*SETTINGS[objective], f"seed={seed}", f'out="{out}"', *args.overrides])
             s = train(cfg, log=lambda *a: None).summary
             row = dict(meta, objective=objective, seed=seed, accuracy_before=f"{s['accuracy_before']:.4f}",
                        accuracy_after=f"{s['accuracy_after']:.4f}", gain=f"{s['gain']:.4f}",

@@ -306,9 +306,12 @@ def config_cmd(
 def prompts_cmd(
     kind: str = typer.Argument(..., metavar="counting|text", help="counting: 'a photo of {n} {objects}' over the "
                                "detector's classes; text: 'a sign that says \"{word}\"' over the shipped word list."),
-    out: Path = typer.Option(..., "--out", help="JSONL file to write (one prompt per line, with a train/eval split)."),
+    out: Path = typer.Option(..., "--out", help="JSONL file to write (one prompt per line, with a train/val/eval "
+                             "split)."),
     eval_fraction: float = typer.Option(0.2, min=0.01, max=0.99, help="Share of items held out for evaluation."),
-    seed: int = typer.Option(0, help="Seed of the train/eval split."),
+    val_fraction: float = typer.Option(0.1, min=0.0, max=0.98, help="Share of items held out for validation (picks "
+                                       "the best adapter); 0: none, the loop validates on the eval prompts."),
+    seed: int = typer.Option(0, help="Seed of the train/val/eval split."),
     n_min: int = typer.Option(1, min=1, max=20, help="counting: smallest count asked for."),
     n_max: int = typer.Option(6, min=1, max=20, help="counting: largest count asked for."),
     words: Optional[Path] = typer.Option(None, help="text: a word list (one per line) instead of the shipped one."),
@@ -316,8 +319,8 @@ def prompts_cmd(
 ) -> None:
     """Generate a prompt set with its metadata (class and count; target text) as JSONL.
 
-    Train and eval splits are disjoint by item: a (class, count) pair or a word is either trained on or
-    held out, never both. Use the file with --set data.prompts=FILE.jsonl.
+    Train, val and eval splits are disjoint by item: a (class, count) pair or a word is trained on, validated
+    on or held out, only one of them. Use the file with --set data.prompts=FILE.jsonl.
     """
     from gpo_fast.prompts import make_prompt_set
 
@@ -325,16 +328,19 @@ def prompts_cmd(
         _fail(f"unknown prompt set '{kind}'; choose counting or text")
     if n_min > n_max:
         _fail(f"--n-min ({n_min}) is above --n-max ({n_max})")
+    if eval_fraction + val_fraction >= 1:
+        _fail(f"--eval-fraction + --val-fraction must be below 1 (got {eval_fraction} + {val_fraction}): something "
+              "must be left to train on")
     if out.exists() and not overwrite:
         _fail(f"{out} already exists; choose another --out or pass --overwrite")
     if words is not None and not words.is_file():
         _fail(f"word list {words} does not exist")
     try:
-        n_train, n_eval = make_prompt_set(kind, out, eval_fraction=eval_fraction, seed=seed, n_min=n_min, n_max=n_max,
-                                          words_file=words)
+        n_train, n_val, n_eval = make_prompt_set(kind, out, eval_fraction=eval_fraction, val_fraction=val_fraction,
+                                                 seed=seed, n_min=n_min, n_max=n_max, words_file=words)
     except OSError as e:  # the file cannot be written
         _fail(f"cannot write {out} ({e.strerror or e}); choose another --out")
-    typer.echo(f"wrote {n_train} train and {n_eval} eval prompts to {out}")
+    typer.echo(f"wrote {n_train} train, {n_val} val and {n_eval} eval prompts to {out}")
 
 
 toy_app = typer.Typer(help="The toy world: a tiny SD3 transformer that learns to draw and count dots on a CPU.",

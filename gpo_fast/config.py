@@ -51,11 +51,24 @@ class ModelSection(_Section):
     vae_tiling: bool = Field(False, description="sd3: decode in tiles (less memory at 1024 px and above).")
 
 
+VALIDATION_SEED_OFFSET = 1  # validation draws eval.seed + 1: it picks the best adapter, eval.seed measures it
+
+
 class DataSection(_Section):
     prompts: str = Field(
         "toy", description="Prompt set: 'toy', 'counting' or 'text' (built in; train/eval splits made by "
                            "`gpo-fast prompts`) or a JSONL file from `gpo-fast prompts`.")
     eval_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Built-in sets: share of items held out for eval.")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description=(
+        "Built-in sets: share of items held out for validation (which picks the best adapter), disjoint from "
+        "train and eval; 0: validation samples the eval prompts on other seeds."))
+
+    @model_validator(mode="after")
+    def _fractions(self):
+        if self.eval_fraction + self.val_fraction >= 1.0:
+            raise ValueError(f"data.eval_fraction + data.val_fraction must be below 1 (got {self.eval_fraction} + "
+                             f"{self.val_fraction}): something must be left to train on")
+        return self
 
 
 class LoraSection(_Section):
@@ -81,7 +94,14 @@ class TrainSection(_Section):
     rollouts: int = Field(60, ge=1, description="Rollout rounds (each: sample, score, then inner updates).")
     inner_updates: int = Field(4, ge=1, description="Optimizer updates per rollout, each with fresh noise.")
     objective: Literal["gpo", "gpo-pairs", "dpo"] = "gpo"
-    beta: float = Field(1000.0, gt=0, le=1e7)
+    beta: float = Field(1000.0, gt=0, le=1e7, description=(
+        "Sharpness of l(z) = softplus(beta * z), z the group's reward-weighted log-ratio. At G = 2 this is the "
+        "diffusers Diffusion-DPO example's beta_dpo at the same value; the original Diffusion-DPO code writes "
+        "0.5 * beta, so its beta is twice this one (docs/method.md, 'Beta convention')."))
+    beta_per_member: bool = Field(False, description=(
+        "Use beta / G: gpo's sum over the G members grows with G (about sqrt(G) for the same spread), so a beta "
+        "tuned at one group size is sharper at a larger one; divided by G it is not (the form of DGPO's "
+        "objective, docs/method.md)."))
     eps_std: float = Field(1e-6, ge=0)
     min_std: float = Field(1e-6, gt=0, description="Groups whose reward std is below this are skipped.")
     lr: float = Field(3e-3, gt=0, le=1.0)
@@ -167,6 +187,10 @@ class Config(_Section):
         if self.model.text_encoders == "cpu" and self.model.t5 == "8bit":
             raise ValueError("model.t5 = '8bit' runs on the GPU only (bitsandbytes); with model.text_encoders = 'cpu' "
                              "use model.t5 = 'full' (bf16 on the CPU) or 'off'")
+        held = {self.eval.seed: "eval.seed", self.eval.seed + VALIDATION_SEED_OFFSET: "the validation seed (eval.seed + 1)"}
+        if self.seed in held:
+            raise ValueError(f"seed = {self.seed} is {held[self.seed]}: training would draw the noise the held-out "
+                             f"samples are measured on; choose another seed or eval.seed")
         if self.model.kind == "sd3" and self.model.resolution % 16:
             raise ValueError(f"model.resolution must be a multiple of 16; got {self.model.resolution}")
         return self
@@ -197,7 +221,8 @@ _SD35M = {
         "rollouts": 300,        # 9,600 images (~96 per train prompt at 384 counting prompts): a few GPU-hours at 512 px
         "inner_updates": 2,     # fresh noise per update: 2 passes over each rollout before it goes stale
         "objective": "gpo",     # the method; the toy ablation (README) has dpo close: compare with train.objective
-        "beta": 1000.0,         # the toy world's measured default; Diffusion-DPO used 2500 for SD1.5
+        "beta": 1000.0,         # the toy world's measured default; the diffusers Diffusion-DPO example's default
+                                # beta_dpo is 2500 in this same convention (docs/method.md, "Beta convention")
         "lr": 1e-4,             # LoRA on a 2.5 B transformer: 30x below the toy's lr (its adapter is 50x smaller)
         "warmup_updates": 20,   # a fresh adapter and 8-bit Adam moments: no full-size first steps
         "micro_batch": 8,       # one group per forward+backward (group-exact: the full-group gradient)

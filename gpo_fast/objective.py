@@ -24,7 +24,8 @@ Objectives, per non-degenerate group p:
     dpo        L_p = l(d_best - d_worst), best/worst = arg max/min reward, lowest index on ties
 Total: the mean of L_p over non-degenerate groups; 0 (and a zero gradient) when there are none.
 
-All math is float32 whatever the input dtype (float64 inputs stay float64, for gradcheck).
+All math is float32 whatever the input dtype (float64 inputs stay float64, for gradcheck), except the reward
+standardization and the comparisons of rewards, which are float64 (N scalars).
 """
 
 from __future__ import annotations
@@ -100,8 +101,10 @@ def sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def standardize_rewards(rewards: torch.Tensor, spec: LossSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Group-standardized rewards A (P, G) and the mask of non-degenerate groups (P,).
 
+    In float64 (N scalars): near-tied rewards such as (0.69970, 0.69973) keep A = (-s, +s) with a zero sum, which
+    float32's rounding of the mean breaks; A is returned in the math dtype (float32, or float64 for float64 in).
     Members with a non-finite reward are excluded: the statistics are over the finite ones, their A is 0."""
-    by_group = rewards.to(_math_dtype(rewards)).reshape(-1, spec.group_size)
+    by_group = rewards.to(torch.float64).reshape(-1, spec.group_size)
     ok = torch.isfinite(by_group)
     count = ok.sum(dim=1, keepdim=True).clamp(min=1).to(by_group.dtype)
     mu = torch.where(ok, by_group, 0.0).sum(dim=1, keepdim=True) / count
@@ -110,7 +113,7 @@ def standardize_rewards(rewards: torch.Tensor, spec: LossSpec) -> tuple[torch.Te
     valid = std.squeeze(1) >= spec.min_std  # min_std > 0: fewer than two finite members is degenerate
     # zero in degenerate groups (with eps_std = 0 they would be 0/0, and NaN survives a masked backward)
     advantages = torch.where(valid[:, None], centered / (std + spec.eps_std), 0.0)
-    return advantages, valid
+    return advantages.to(_math_dtype(rewards)), valid
 
 
 def _l(z: torch.Tensor, beta: float) -> torch.Tensor:
@@ -157,10 +160,11 @@ def loss_from_errors(policy_err: torch.Tensor, ref_err: torch.Tensor, rewards: t
     if policy_err.shape[0] % spec.group_size:
         raise ValueError(f"group_size {spec.group_size} does not divide the batch size N={policy_err.shape[0]}")
     dt = _math_dtype(policy_err)
-    by_group = rewards.to(dt).reshape(-1, spec.group_size)
+    by_group = rewards.to(torch.float64).reshape(-1, spec.group_size)  # compared and standardized in float64
     # an excluded member's d is never used; zero it so that a non-finite one cannot leak in as 0 * NaN
     d = torch.where(torch.isfinite(by_group), (policy_err.to(dt) - ref_err.to(dt)).reshape(-1, spec.group_size), 0.0)
     advantages, valid = standardize_rewards(by_group, spec)
+    advantages = advantages.to(dt)
     losses = group_losses(d, by_group, advantages, spec)
     n_valid = valid.sum().clamp(min=1)
     # torch.where (not a product) so a non-finite value of a degenerate group cannot leak in

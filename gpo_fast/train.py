@@ -31,7 +31,7 @@ import torch
 
 from gpo_fast.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gpo_fast.components import Task, autocast_for, build_evaluator, build_model, build_task, resolve_device
-from gpo_fast.config import Config, dump_config, resume_conflicts
+from gpo_fast.config import VALIDATION_SEED_OFFSET, Config, dump_config, resume_conflicts
 from gpo_fast.distributed import Dist
 from gpo_fast.errors import InputError, UserError
 from gpo_fast.evaluate import Evaluator
@@ -40,7 +40,6 @@ from gpo_fast.report import gain_interval, save_before_after, save_grid, save_re
 from gpo_fast.sampling import rollout
 from gpo_fast.update import degenerate_fraction, gpo_update, loss_spec, make_optimizer, make_schedule
 
-VALIDATION_SEED_OFFSET = 1  # validation draws eval.seed + 1: it picks the best adapter, eval.seed measures it
 DEGENERATE_WARN_AFTER = 5  # rollouts in a row with >= 90% degenerate groups before the loop says so
 
 
@@ -99,6 +98,7 @@ class Run:
     precision: Callable  # bf16 autocast on a GPU
     writer: object = None  # TensorBoard, rank 0
     metrics_file: object = None  # metrics.jsonl, rank 0
+    validator: Evaluator | None = None  # the val prompts' evaluator; None: the evaluator on the validation seed
 
     @property
     def main(self) -> bool:
@@ -109,7 +109,7 @@ class Run:
         return self.model.trainable_parameters()
 
     def validate(self) -> tuple[float, torch.Tensor]:
-        metrics, images = self.evaluator(self.model, self.config.eval.seed + VALIDATION_SEED_OFFSET)
+        metrics, images = (self.validator or self.evaluator)(self.model, self.config.eval.seed + VALIDATION_SEED_OFFSET)
         return metrics["accuracy"], images
 
     def save_checkpoint(self) -> None:
@@ -180,16 +180,22 @@ def setup(config: Config, log, resume: Path | None) -> Run:
     device = dist.device(resolve_device(config))
     checkpoint = _read_checkpoint(resume, config) if resume is not None else None
     task = build_task(config, device)
-    model = build_model(config, device, prompts=[p.text for p in task.train_prompts + task.eval_prompts])
+    model = build_model(config, device, prompts=[p.text for p in task.train_prompts + task.val_prompts
+                                                 + task.eval_prompts])
     opt = make_optimizer(model.trainable_parameters(), config.train)
     sched = make_schedule(opt, config.train, config.train.rollouts * config.train.inner_updates)
     run = Run(config, Path(config.out), dist, task, build_evaluator(config, task, device), model, opt, sched,
-              LoopState(torch.Generator().manual_seed(config.seed)), log, autocast_for(device))
+              LoopState(torch.Generator().manual_seed(config.seed)), log, autocast_for(device),
+              validator=build_evaluator(config, task, device, split="val") if task.val_prompts else None)
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
         write_atomic(run.out / "config.toml", dump_config(config))
-        write_jsonl(task.train_prompts + task.eval_prompts, run.out / "prompts.jsonl",  # the prompts, for the record
-                    ["train"] * len(task.train_prompts) + ["eval"] * len(task.eval_prompts))
+        write_jsonl(task.train_prompts + task.val_prompts + task.eval_prompts, run.out / "prompts.jsonl",  # the record
+                    ["train"] * len(task.train_prompts) + ["val"] * len(task.val_prompts)
+                    + ["eval"] * len(task.eval_prompts))
+        if config.eval.every:
+            log(f"the best adapter is chosen on {task.validation}; the gain is measured on the eval prompts "
+                f"(seed {config.eval.seed})")
     if checkpoint is not None:
         run.restore(checkpoint)
         log(f"resumed from {resume} (rollout {run.state.rollout}, {run.state.updates} updates)")
@@ -337,6 +343,9 @@ def finish(run: Run, start: float) -> RunResult:
         "best_rollout": st.best["rollout"], "rollouts": st.rollout, "steps": st.updates,
         "wall_seconds": time.time() - start, "objective": config.train.objective, "seed": config.seed,
         "eval_samples": config.eval.samples, "eval_before": st.before, "eval_after": after,
+        "prompts": {"train": len(run.task.train_prompts), "val": len(run.task.val_prompts),
+                    "eval": len(run.task.eval_prompts)},
+        "validation": run.task.validation if config.eval.every else "none (eval.every = 0: the final weights)",
     }
     for key, name in run.evaluator.headline.items():  # what this evaluator reports beside accuracy
         summary.update({f"{name}_before": st.before[key], f"{name}_after": after[key]})

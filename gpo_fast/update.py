@@ -28,8 +28,9 @@ from gpo_fast.models.base import DiffusionModel
 def loss_spec(config: Config) -> LossSpec:
     """The loss contract of a config: every key that defines the loss, in one object."""
     t = config.train
-    return LossSpec(group_size=config.rollout.group_size, beta=t.beta, objective=t.objective, eps_std=t.eps_std,
-                    min_std=t.min_std)
+    g = config.rollout.group_size
+    return LossSpec(group_size=g, beta=t.beta / g if t.beta_per_member else t.beta, objective=t.objective,
+                    eps_std=t.eps_std, min_std=t.min_std)
 
 
 def draw_sigmas(n: int, train: TrainSection, schedule: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -37,9 +37,16 @@ def test_prompts_writes_disjoint_splits_and_refuses_to_overwrite(tmp_path):
     path = tmp_path / "text.jsonl"
     out = _run("prompts", "text", "--out", str(path), "--eval-fraction", "0.25")
     assert out.returncode == 0, out.stderr
-    train, held = load_prompts(path, split="train"), load_prompts(path, split="eval")
-    assert train and held and not {item_key(p) for p in train} & {item_key(p) for p in held}
-    assert abs(len(held) / (len(train) + len(held)) - 0.25) < 0.02
+    train, val, held = (load_prompts(path, split=s) for s in ("train", "val", "eval"))
+    keys = [{item_key(p) for p in part} for part in (train, val, held)]
+    assert train and val and held and not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
+    assert abs(len(held) / (len(train) + len(val) + len(held)) - 0.25) < 0.02
+    assert "val" in out.stdout
+    no_val = _run("prompts", "text", "--out", str(tmp_path / "nv.jsonl"), "--val-fraction", "0")
+    assert no_val.returncode == 0 and "0 val" in no_val.stdout
+    too_much = _run("prompts", "text", "--out", str(tmp_path / "x.jsonl"), "--eval-fraction", "0.6",
+                    "--val-fraction", "0.5")
+    assert too_much.returncode == 2 and "below 1" in too_much.stderr and not (tmp_path / "x.jsonl").exists()
     before = path.read_text()
     again = _run("prompts", "counting", "--out", str(path))
     assert again.returncode == 2 and "exists" in again.stderr and path.read_text() == before

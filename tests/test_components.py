@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 
-from gpo_fast.components import Task, autocast_for, build_evaluator, build_model, build_task, resolve_device
+from gpo_fast.components import (Task, autocast_for, build_evaluator, build_model, build_prompts, build_task,
+                                 resolve_device)
 from gpo_fast.config import load_config
 from gpo_fast.errors import UserError
 from gpo_fast.evaluate import PromptEvaluator
 from gpo_fast.language import Prompt
-from gpo_fast.prompts import PromptFileError
+from gpo_fast.prompts import PromptFileError, item_key
 from gpo_fast.toy.evaluate import ToyEvaluator
 from gpo_fast.toy.reward import DotCountReward
 
@@ -38,6 +39,33 @@ def test_a_prompt_set_config_gets_the_prompt_evaluator_over_its_eval_prompts():
     evaluator = build_evaluator(config, task, CPU)
     assert isinstance(evaluator, PromptEvaluator)
     assert (evaluator.prompts, evaluator.samples, evaluator.batch_size) == (task.eval_prompts, 40, 4)
+
+
+@pytest.mark.parametrize("source", ["counting", "text"])
+def test_built_in_sets_hold_out_val_and_eval_items_disjoint(source):
+    config = load_config(preset=f"sd35m-{source}")
+    train, val, held = build_prompts(config)
+    keys = [{item_key(p) for p in part} for part in (train, val, held)]
+    assert all(keys) and not (keys[0] & keys[1] or keys[0] & keys[2] or keys[1] & keys[2])
+    assert not {p.text for p in val} & {p.text for p in held}  # no validation prompt is an eval prompt
+    task = Task(object(), train, held, val)
+    assert build_evaluator(config, task, CPU, split="val").prompts == val
+    assert build_evaluator(config, task, CPU).prompts == held
+    assert "val split" in task.validation
+
+
+def test_a_prompt_file_without_val_lines_validates_on_the_eval_prompts(tmp_path):
+    line = {"prompt": "a photo of two cats", "task": "counting", "class": "cat", "n": 2}
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(line) + "\n" + json.dumps({**line, "prompt": "a photo of three cats", "n": 3,
+                                                          "split": "eval"}) + "\n")
+    config = load_config(preset="sd35m-counting", overrides=[f'data.prompts="{path}"'])
+    train, val, held = build_prompts(config)
+    assert (len(train), val, len(held)) == (1, [], 1)
+    assert "eval prompts on other seeds" in Task(object(), train, held, val).validation
+    path.write_text(path.read_text() + json.dumps({**line, "prompt": "a photo of four cats", "n": 4,
+                                                   "split": "val"}) + "\n")
+    assert [p.n for p in build_prompts(config)[1]] == [4]
 
 
 def test_a_prompt_file_is_read_before_the_reward_loads(tmp_path):

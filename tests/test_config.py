@@ -1,6 +1,7 @@
 """The run configuration (gpo_fast.config): presets, overrides, validation, the resume rules, --vram."""
 
 import pytest
+import torch
 
 from gpo_fast.config import (PRESETS, VRAM_PRESETS, ConfigError, describe_config, dump_config, load_config,
                              resume_conflicts, smaller_vram)
@@ -31,6 +32,9 @@ def test_overrides_take_toml_values_and_bare_words_as_strings():
     (['model.kind="sd3"', 'data.prompts="counting"', 'reward.kind="yolo-count"', 'model.t5="8bit"',
       'model.text_encoders="cpu"'], "model.t5 = '8bit' runs on the GPU only"),
     (["train.lr.x=1"], "train.lr"),
+    (["seed=10000"], "seed = 10000 is eval.seed"),  # training would draw the held-out noise
+    (["seed=7", "eval.seed=6"], "the validation seed"),
+    (["data.eval_fraction=0.5", "data.val_fraction=0.5"], "must be below 1"),
 ])
 def test_a_bad_value_is_one_config_error_naming_the_key(overrides, needle):
     with pytest.raises(ConfigError) as info:
@@ -65,3 +69,13 @@ def test_vram_presets_resolve_to_valid_configs(vram):
 
 def test_smaller_vram_walks_down_the_presets():
     assert [smaller_vram(v) for v in (None, 24, 16, 12, 8)] == [24, 16, 12, 8, None]
+
+
+def test_the_default_seeds_draw_three_distinct_noise_streams():
+    from gpo_fast.config import VALIDATION_SEED_OFFSET
+
+    config = load_config()
+    seeds = {config.seed, config.eval.seed, config.eval.seed + VALIDATION_SEED_OFFSET}
+    assert len(seeds) == 3
+    draws = [torch.randn(64, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    assert not any(torch.equal(a, b) for i, a in enumerate(draws) for b in draws[i + 1:])

@@ -12,6 +12,7 @@ import torch
 import gpo_fast
 from gpo_fast import kernels
 from gpo_fast.objective import reference_gpo_loss
+from dpo_literals import diffusers_dpo, original_diffusion_dpo
 from kernels_util import make_batch
 
 OBJECTIVES = ["gpo", "gpo-pairs", "dpo"]
@@ -111,6 +112,19 @@ def test_dpo_takes_the_lowest_index_on_ties(kernel_device):
     # best is member 1 and worst member 0: only they get a gradient
     assert k_grad[0].abs().max() > 0 and k_grad[1].abs().max() > 0
     assert torch.equal(k_grad[2:], torch.zeros_like(k_grad[2:]))
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernels_beta_is_diffusers_and_half_the_original_diffusion_dpos(kernel_device, objective, dtype):
+    batch = make_batch(8, (4, 6, 6), dtype, kernel_device, seed=11)
+    batch["rewards"] = torch.tensor([1.0, 0.0] * 4, device=kernel_device)
+    e = (batch["pred"].float() - batch["target"].float()).pow(2).mean(dim=(1, 2, 3))
+    f = batch["ref_err"]
+    loss = gpo_fast.gpo_loss(batch["pred"], batch["target"], f, batch["rewards"], group_size=2, beta=50.0,
+                             objective=objective, eps_std=0.0)
+    torch.testing.assert_close(loss, diffusers_dpo(e, f, 50.0), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss, original_diffusion_dpo(e, f, 100.0), rtol=1e-5, atol=1e-7)
 
 
 def test_gpo_two_members_equals_diffusion_dpo_formula(kernel_device):

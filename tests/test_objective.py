@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dpo_literals import diffusers_dpo, original_diffusion_dpo
 from gpo_fast.objective import LossSpec, loss_from_errors, reference_gpo_loss, standardize_rewards
 
 
@@ -67,6 +68,25 @@ def test_gpo_with_two_members_is_diffusion_dpo():
     # and the dpo objective is the same thing here
     got_dpo = reference_gpo_loss(pred, target, f, rewards, group_size=2, beta=beta, objective="dpo")
     torch.testing.assert_close(got_dpo, dpo, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("objective", ["gpo", "gpo-pairs", "dpo"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_beta_is_diffusers_beta_and_half_the_original_diffusion_dpo_beta(objective, dtype):
+    """At G = 2 with rewards (1, 0) every objective is DPO: equal to the diffusers example at the same beta and to
+    the original Diffusion-DPO code at twice it, on the errors of bf16 or fp32 predictions."""
+    g = torch.Generator().manual_seed(3)
+    pred, target = (torch.randn(8, 4, 6, 6, generator=g).to(dtype) for _ in range(2))
+    ref_pred = (target.float() + 0.8 * torch.randn(8, 4, 6, 6, generator=g)).to(dtype)
+    e = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))  # the errors both sides compute, in float32
+    f = ((ref_pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
+    rewards = torch.tensor([1.0, 0.0] * 4)
+    beta = 50.0
+    ours = reference_gpo_loss(pred, target, f, rewards, group_size=2, beta=beta, objective=objective,
+                              eps_std=0.0)
+    torch.testing.assert_close(ours, diffusers_dpo(e, f, beta), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ours, original_diffusion_dpo(e, f, 2 * beta), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(ours, original_diffusion_dpo(e, f, beta), rtol=1e-3)  # the factor is real
 
 
 def test_standardization_population_stats_and_degenerate_mask():

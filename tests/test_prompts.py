@@ -7,9 +7,11 @@ import pytest
 
 from gpo_fast.prompts import (
     Prompt, PromptFileError, counting_prompts, item_key, load_prompts, load_words, make_prompt_set,
-    parse_counting_prompt, split_prompts, text_prompts, write_jsonl,
+    counts_in_prompt, parse_counting_prompt, split_prompts, split_three, text_prompts, write_jsonl,
 )
-from gpo_fast.language import COCO_CLASSES, MAX_COUNT, canonical, noun_phrase, plural, singular
+from gpo_fast.language import (COCO_CLASSES, MAX_COUNT, PROMPT_NAMES, SYNONYMS, canonical, noun_phrase, parse_number,
+                               plural, singular)
+from gpo_fast.rewards.counting import detector_class_ids
 
 # ------------------------------------------------------------------------------------------- vocabulary
 
@@ -31,7 +33,9 @@ def test_every_class_round_trips_through_its_plural(name):
     ("skis", "skis"), ("scissors", "scissors"), ("broccoli", "broccoli"), ("wine glass", "wine glasses"),
     ("bench", "benches"), ("sandwich", "sandwiches"), ("couch", "couches"), ("toothbrush", "toothbrushes"),
     ("tv", "tvs"), ("teddy bear", "teddy bears"), ("hair drier", "hair driers"), ("cat", "cats"),
-    ("puppy", "puppies"), ("man", "men"), ("child", "children"),
+    ("puppy", "puppies"), ("man", "men"), ("child", "children"), ("computer mouse", "computer mice"),
+    ("remote control", "remote controls"), ("hair dryer", "hair dryers"), ("necktie", "neckties"),
+    ("pair of skis", "pairs of skis"), ("head of broccoli", "heads of broccoli"),
 ])
 def test_plural_forms(name, want):
     assert plural(name) == want
@@ -43,6 +47,11 @@ def test_plural_forms(name, want):
     ("aeroplane", "airplane"), ("planes", "airplane"), ("sofa", "couch"), ("television", "tv"),
     ("cellphone", "cell phone"), ("phones", "cell phone"), ("doughnuts", "donut"), ("puppies", "dog"),
     ("Traffic_Lights", "traffic light"), ("pairs of skis", "skis"), ("unicorn", None),
+    ("mouse", "mouse"), ("mice", "mouse"), ("computer mouse", "mouse"), ("Computer Mice", "mouse"),
+    ("remote", "remote"), ("remote controls", "remote"), ("tv remotes", "remote"), ("tie", "tie"),
+    ("neckties", "tie"), ("keyboards", "keyboard"), ("computer keyboards", "keyboard"), ("tvs", "tv"),
+    ("televisions", "tv"), ("microwave ovens", "microwave"), ("hair driers", "hair drier"),
+    ("hair dryers", "hair drier"), ("heads of broccoli", "broccoli"), ("broccoli", "broccoli"),
 ])
 def test_canonical_synonyms(word, cls):
     assert canonical(word) == cls
@@ -58,7 +67,7 @@ def test_counting_prompts_cover_classes_and_counts():
     assert texts["cat", 1] == "a photo of one cat"
     assert texts["cat", 3] == "a photo of three cats"
     assert texts["person", 2] == "a photo of two people"
-    assert texts["mouse", 6] == "a photo of six mice"
+    assert texts["mouse", 6] == "a photo of six computer mice"
     assert texts["skis", 1] == "a photo of one pair of skis"
     assert all(p.task == "counting" and p.target is None for p in ps)
 
@@ -79,6 +88,64 @@ def test_counting_prompts_templates_and_range():
 def test_every_generated_counting_prompt_parses_back():
     for p in counting_prompts(n_range=(1, MAX_COUNT)):
         assert parse_counting_prompt(p.text) == (p.n, p.cls), p.text
+
+
+@pytest.mark.parametrize("cls, n, text", [
+    ("mouse", 1, "a photo of one computer mouse"), ("mouse", 2, "a photo of two computer mice"),
+    ("remote", 3, "a photo of three remote controls"), ("keyboard", 2, "a photo of two computer keyboards"),
+    ("tie", 1, "a photo of one necktie"), ("tie", 4, "a photo of four neckties"),
+    ("tv", 2, "a photo of two televisions"), ("microwave", 2, "a photo of two microwave ovens"),
+    ("hair drier", 5, "a photo of five hair dryers"), ("broccoli", 2, "a photo of two heads of broccoli"),
+    ("scissors", 3, "a photo of three pairs of scissors"), ("cell phone", 2, "a photo of two cell phones"),
+    ("dining table", 1, "a photo of one dining table"), ("potted plant", 6, "a photo of six potted plants"),
+    ("sports ball", 2, "a photo of two sports balls"),
+])
+def test_counting_prompts_say_what_the_detector_means(cls, n, text):
+    ps = {(p.cls, p.n): p.text for p in counting_prompts(n_range=(1, 6))}
+    assert ps[cls, n] == text
+
+
+# bare names that ask for something else than the COCO class: the word, and what must stand next to it
+AMBIGUOUS = [
+    (r"mouse|mice", r"computer (mouse|mice)"),  # a rodent
+    (r"remotes?", r"remote controls?"),  # an adjective
+    (r"keyboards?", r"computer keyboards?"),  # a piano keyboard
+    (r"ties?", r"neckties?"),  # a knot, a cable tie, a draw
+    (r"tvs?", r"televisions?"),
+    (r"microwaves?", r"microwave ovens?"),  # the radiation
+    (r"driers?", r"hair dryers?"),  # 'drier' is 'more dry'
+    (r"broccoli", r"heads? of broccoli"),  # 'six broccoli'
+    (r"skis|scissors", r"pairs? of (skis|scissors)"),
+]
+
+
+def test_no_generated_counting_prompt_uses_an_ambiguous_bare_name():
+    ps = counting_prompts(n_range=(1, MAX_COUNT))
+    for p in ps:
+        for bare, phrase in AMBIGUOUS:
+            rest = re.sub(phrase, "", p.text)  # the phrases themselves are fine
+            assert not re.search(rf"\b({bare})\b", rest), (p.text, bare)
+    texts = " ".join(p.text for p in ps)
+    for _, phrase in AMBIGUOUS:
+        assert re.search(phrase, texts), phrase  # and each one is used
+
+
+@pytest.mark.parametrize("cls", COCO_CLASSES)
+def test_every_prompt_phrase_maps_back_to_its_coco_class(cls):
+    for n in (1, 2, 7):
+        phrase = noun_phrase(cls, n)
+        assert canonical(phrase) == cls, phrase
+        assert detector_class_ids(phrase, dict(enumerate(COCO_CLASSES))) == {COCO_CLASSES.index(cls)}, phrase
+    assert canonical(cls) == cls and canonical(plural(cls)) == cls  # the short names still map
+    if cls in PROMPT_NAMES:
+        assert SYNONYMS[PROMPT_NAMES[cls]] == cls and noun_phrase(cls, 1) == PROMPT_NAMES[cls]
+
+
+def test_prompt_names_only_for_coco_class_lists():
+    assert counting_prompts(["mouse", "dog"], n_range=(2, 2))[0].text == "a photo of two computer mice"
+    custom = counting_prompts(["mouse", "hamster"], n_range=(2, 2))  # another detector: its mouse may be a rodent
+    assert custom[0].text == "a photo of two mice"
+    assert noun_phrase("mouse", 2, names={}) == "mice"
 
 
 def test_shipped_word_list_is_plain():
@@ -156,23 +223,35 @@ def test_jsonl_round_trip(tmp_path):
 @pytest.mark.parametrize("kind", ["counting", "text"])
 def test_make_prompt_set(tmp_path, kind):
     out = tmp_path / f"{kind}.jsonl"
-    n_train, n_eval = make_prompt_set(kind, out, eval_fraction=0.2, seed=1, n_max=3)
-    train, held = load_prompts(out, split="train"), load_prompts(out, split="eval")
-    assert (len(train), len(held)) == (n_train, n_eval) and n_eval > 0
-    assert len(load_prompts(out)) == n_train + n_eval
-    assert {item_key(p) for p in train}.isdisjoint({item_key(p) for p in held})
-    assert abs(n_eval / (n_train + n_eval) - 0.2) < 0.01
-    assert all(json.loads(line)["split"] in ("train", "eval") for line in out.read_text().splitlines())
+    n_train, n_val, n_eval = make_prompt_set(kind, out, eval_fraction=0.2, val_fraction=0.1, seed=1, n_max=3)
+    train, val, held = (load_prompts(out, split=s) for s in ("train", "val", "eval"))
+    assert (len(train), len(val), len(held)) == (n_train, n_val, n_eval) and n_eval > 0 and n_val > 0
+    assert len(load_prompts(out)) == n_train + n_val + n_eval
+    keys = [{item_key(p) for p in part} for part in (train, val, held)]
+    assert keys[0].isdisjoint(keys[1]) and keys[0].isdisjoint(keys[2]) and keys[1].isdisjoint(keys[2])
+    total = n_train + n_val + n_eval
+    assert abs(n_eval / total - 0.2) < 0.01 and abs(n_val / total - 0.1) < 0.02
+    assert {json.loads(line)["split"] for line in out.read_text().splitlines()} == {"train", "val", "eval"}
     out2 = tmp_path / "again.jsonl"
-    make_prompt_set(kind, out2, eval_fraction=0.2, seed=1, n_max=3)
+    make_prompt_set(kind, out2, eval_fraction=0.2, val_fraction=0.1, seed=1, n_max=3)
     assert out2.read_text() == out.read_text()  # deterministic
     with pytest.raises(ValueError, match="kind"):
         make_prompt_set("colour", out)
 
 
+def test_the_eval_split_does_not_move_with_the_val_split():
+    ps = counting_prompts(n_range=(1, 4))
+    _, held = split_prompts(ps, 0.2, seed=0)
+    for val_fraction in (0.0, 0.1, 0.3):
+        train, val, held3 = split_three(ps, 0.2, val_fraction, seed=0)
+        assert held3 == held and (val == []) == (val_fraction == 0)
+        assert len(train) + len(val) + len(held) == len(ps)
+
+
 def test_make_prompt_set_custom_words(tmp_path):
     (tmp_path / "w.txt").write_text("alpha\nbeta\ngamma\ndelta\nepsilon\n")
-    assert make_prompt_set("text", tmp_path / "t.jsonl", words_file=tmp_path / "w.txt") == (4, 1)
+    assert make_prompt_set("text", tmp_path / "t.jsonl", words_file=tmp_path / "w.txt", val_fraction=0) == (4, 0, 1)
+    assert make_prompt_set("text", tmp_path / "v.jsonl", words_file=tmp_path / "w.txt") == (3, 1, 1)
 
 
 def test_plural_and_synonym_classes_are_stored_canonical(tmp_path):
@@ -180,6 +259,46 @@ def test_plural_and_synonym_classes_are_stored_canonical(tmp_path):
     f.write_text('{"prompt": "three cats", "task": "counting", "class": "cats", "n": 3}\n'
                  '{"prompt": "two sofas", "task": "counting", "class": "sofa", "n": 2}\n')
     assert [p.cls for p in load_prompts(f)] == ["cat", "couch"]
+
+
+def test_loading_checks_counting_text_against_its_fields(tmp_path):
+    f = tmp_path / "p.jsonl"
+    lines = [
+        ("a photo of three cats", "cat", 3), ("3 kittens", "cat", 3), ("a photo of a cat", "cat", 1),
+        ("three cats on a sofa", "cat", 3), ("three cats and two dogs", "cat", 3),
+        ("three small red cars", "car", 3), ("three small shiny red cars", "cars", 3),
+        ("three orange cats", "cat", 3), ("two computer mice", "mouse", 2), ("six mice", "computer mouse", 6),
+        ("two heads of broccoli", "broccoli", 2), ("twenty people", "person", 20),
+    ]
+    f.write_text("".join(json.dumps({"prompt": t, "task": "counting", "class": c, "n": n}) + "\n"
+                         for t, c, n in lines))
+    assert [(p.n, p.cls) for p in load_prompts(f)] == [(n, canonical(c)) for _, c, n in lines]
+
+
+@pytest.mark.parametrize("prompt, cls, n, reason", [
+    ("a photo of two dogs", "cat", 3, "asks for 2 dogs, but 'class' and 'n' say 3 cats"),
+    ("a photo of two cats", "cat", 3, "asks for 2 cats, but"),
+    ("a photo of three cats", "dog", 3, "asks for 3 cats, but 'class' and 'n' say 3 dogs"),
+    ("a photo of cats", "cat", 3, "names no count"),
+    ("a photo of three unicorns", "cat", 3, "names no detector class after its number"),
+    ("one hundred cats", "cat", 1, "asks for 100 cats"),
+    ("a hundred cats", "cat", 1, "asks for 100 cats"),
+    ("twenty-one cats", "cat", 1, "asks for 21 cats"),
+    ("twenty-one cats", "cat", 20, "asks for 21 cats"),
+    ("thirty cats", "cat", 3, "asks for 30 cats"),
+    ("one cat and two cats", "cat", 1, "asks for 1 cat and 2 cats"),
+    ("two mice", "mouse", 3, "say 3 computer mice; make the text and the fields agree, "
+                             "e.g. \"a photo of three computer mice\""),
+])
+def test_counting_text_that_disagrees_with_its_fields_is_rejected(tmp_path, prompt, cls, n, reason):
+    f = tmp_path / "p.jsonl"
+    bad = json.dumps({"prompt": prompt, "task": "counting", "class": cls, "n": n})
+    f.write_text(f"{GOOD}\n# a comment\n{GOOD}\n{bad}\n{GOOD}\n")
+    with pytest.raises(PromptFileError) as e:
+        load_prompts(f)
+    msg = str(e.value)
+    assert msg.startswith(f"{f} line 4: the prompt {prompt!r} ")
+    assert reason in msg and "; " in msg and "\n" not in msg
 
 
 def test_custom_classes(tmp_path):
@@ -255,6 +374,20 @@ def test_file_level_errors(tmp_path):
     ("two pairs of scissors", (2, "scissors")),
     ("six mice", (6, "mouse")),
     ("a photo of 20 knives", (20, "knife")),
+    ("two computer mice", (2, "mouse")),
+    ("three remote controls", (3, "remote")),
+    ("two tv remotes", (2, "remote")),
+    ("four heads of broccoli", (4, "broccoli")),
+    ("three small red cars", (3, "car")),
+    ("three small shiny red cars", (3, "car")),
+    ("three orange cats", (3, "cat")),  # 'orange' is a class, but the head noun is the last
+    ("one orange on a plate", (1, "orange")),
+    ("three cats on a sofa", (3, "cat")),  # 'a' is no count where a number is
+    ("a photo of a cat", (1, "cat")),
+    ("three people riding bicycles", (3, "person")),
+    ("one of the three cats", (3, "cat")),
+    ("a photo of twenty people", (20, "person")),
+    ("Café with TWO dogs", (2, "dog")),
 ])
 def test_parse_counting_prompt(text, want):
     assert parse_counting_prompt(text) == want
@@ -265,10 +398,33 @@ def test_parse_counting_prompt(text, want):
     ("three unicorns", "no detector class"),
     ("one cat and two dogs", "several counts"),
     ("a photo of 25 cats", "1..20"),
+    ("one hundred cats", "asks for 100 objects"),  # not one cat
+    ("a hundred cats", "asks for 100 objects"),
+    ("twenty-one cats", "asks for 21 objects"),  # not twenty cats and one cat
+    ("thirty-three dogs", "asks for 33 objects"),
+    ("one cat and three cats", "several counts"),
 ])
 def test_parse_counting_prompt_failures(text, reason):
     with pytest.raises(ValueError, match=re.escape(reason)):
         parse_counting_prompt(text)
+
+
+@pytest.mark.parametrize("tokens, want", [
+    ("3", 3), ("three", 3), ("Twenty", 20), ("twenty-one", 21), ("twenty one", 21), ("thirty", 30),
+    ("ninety-nine", 99), ("one hundred", 100), ("one hundred and five", 105), ("a hundred", 100),
+    ("two dozen", 24), ("one thousand two hundred and thirty-four", 1234), ("zero", 0),
+    ("one two", None), ("twenty twenty", None), ("a", None), ("cat", None), ("", None),
+])
+def test_parse_number(tokens, want):
+    assert parse_number(tokens) == want
+
+
+def test_counts_in_prompt():
+    assert counts_in_prompt("one cat and two dogs") == [(1, "cat"), (2, "dog")]
+    assert counts_in_prompt("a photo from 1990 of three cats") == [(1990, None), (3, "cat")]
+    assert counts_in_prompt("a cat on a sofa") == [(1, "cat"), (1, "couch")]
+    assert counts_in_prompt("a photo of cats") == []
+    assert counts_in_prompt("two widgets", classes=["widget"]) == [(2, "widget")]
 
 
 def test_noun_phrase():

@@ -87,6 +87,18 @@ def test_partial_credit(n, count, want):
     assert got == count and reward == pytest.approx(want)
 
 
+def test_count_reward_maps_prompt_phrases_to_coco_classes():
+    mouse, remote, tie = COCO_CLASSES.index("mouse"), COCO_CLASSES.index("remote"), COCO_CLASSES.index("tie")
+    dets = [mouse, mouse, remote, tie], [0.9] * 4
+    for cls in ("mouse", "mice", "computer mouse", "computer mice"):  # old short names and the prompt phrases
+        assert count_reward(*dets, COCO, counting(cls, 2), 0.25, False) == (1.0, 2), cls
+    for cls in ("remote", "remote control", "remote controls"):
+        assert count_reward(*dets, COCO, counting(cls, 1), 0.25, False) == (1.0, 1), cls
+    assert count_reward(*dets, COCO, counting("necktie", 1), 0.25, False) == (1.0, 1)
+    assert detector_class_ids("hair dryers", COCO) == {COCO_CLASSES.index("hair drier")}
+    assert detector_class_ids("heads of broccoli", COCO) == {COCO_CLASSES.index("broccoli")}
+
+
 def test_count_reward_input_errors():
     with pytest.raises(ValueError, match="not one of the detector's classes"):
         count_reward([], [], COCO, counting("unicorn", 2), 0.25, False)
@@ -182,7 +194,9 @@ def test_to_uint8_rgb():
 
 
 @pytest.mark.parametrize("s, want", [("Hello, World!", "helloworld"), (" a-b_c 12 ", "abc12"), ("", ""),
-                                     ("\"STOP\"", "stop")])
+                                     ("\"STOP\"", "stop"), ("Café", "cafe"), ("CAFÉ", "cafe"),
+                                     ("Cafe\u0301", "cafe"), ("Straße", "strasse"), ("ＡＢＣ１", "abc1"),
+                                     ("ﬁne", "fine"), ("Ångström", "angstrom"), ("naïve", "naive")])
 def test_normalize(s, want):
     assert normalize(s) == want
 
@@ -196,13 +210,70 @@ def test_levenshtein(a, b, d):
 
 def test_text_reward():
     assert text_reward("Hello!", "hello") == 1.0 and text_correct("Hello!", "hello")
-    assert text_reward("sign: hello world", "hello") == 1.0  # substring: full reward ...
-    assert not text_correct("sign: hello world", "hello")  # ... but not an exact rendering
+    assert text_reward("sign: hello world", "hello") == 0.5  # the word amid other text: half, the floor ...
+    assert not text_correct("sign: hello world", "hello")  # ... and not an exact rendering
     assert text_reward("hallo", "hello") == pytest.approx(0.8)
     assert text_reward("", "hello") == 0.0
     assert text_reward("a long wrong reading", "zq") == 0.0  # clamped at 0
     with pytest.raises(ValueError):
         text_reward("x", "!!")
+
+
+def test_text_reward_exact():
+    assert text_reward("garden", "garden") == 1.0 and text_correct("garden", "garden")
+    assert text_reward("  Garden. ", "garden") == 1.0  # spaces, case and punctuation are not read
+
+
+@pytest.mark.parametrize("reading, target", [("CAFE", "Café"), ("café", "CAFE"), ("GARDEN", "garden"),
+                                             ("STRASSE", "Straße"), ("Cafe\u0301", "café"), ("ＨＥＬＬＯ", "hello")])
+def test_text_reward_exact_with_other_case_and_accents(reading, target):
+    assert text_reward(reading, target) == 1.0 and text_correct(reading, target)
+
+
+@pytest.mark.parametrize("reading, want", [("xgardenx", 1 - 1 / 6), ("garden 2", 1 - 0.5 / 6),
+                                           ("gardenn", 1 - 0.5 / 6), ("the garden", 1 - 1.5 / 6),
+                                           ("welcome to the garden of eden", 0.5)])
+def test_text_reward_extra_characters_cost(reading, want):
+    exact = text_reward("garden", "garden")
+    got = text_reward(reading, "garden")
+    assert got == pytest.approx(want) and got < exact and not text_correct(reading, "garden")
+
+
+def test_text_reward_one_letter_typo():
+    assert text_reward("gardan", "garden") == pytest.approx(1 - 1 / 6)  # substitution
+    assert text_reward("gardn", "garden") == pytest.approx(1 - 1 / 6)  # deletion
+    assert text_reward("xgarde", "garden") == pytest.approx(1 - 1.5 / 6)  # a missing letter and an extra one
+    assert text_reward("gardan", "garden") < text_reward("garden", "garden")
+
+
+def test_text_reward_empty_reading():
+    assert text_reward("", "garden") == 0.0 and not text_correct("", "garden")
+    assert text_reward("!?", "garden") == 0.0 and not text_correct("!?", "garden")
+
+
+@pytest.mark.parametrize("reading, target", [
+    ("garden", "garden"), ("GARDEN!", "garden"), ("CAFE", "Café"), ("xgardenx", "garden"), ("garden 2", "garden"),
+    ("gardengarden", "garden"), ("gardan", "garden"), ("gardn", "garden"), ("", "garden"), ("hello world", "hello"),
+    ("h", "hi"), ("hi", "h"), ("ab", "ba"), ("1", "1"), ("11", "1"), ("Straße", "strasse"), ("x", "garden"),
+])
+def test_text_reward_is_one_exactly_when_correct(reading, target):
+    reward, correct = text_reward(reading, target), text_correct(reading, target)
+    assert (reward == 1.0) == correct and 0.0 <= reward <= 1.0
+
+
+def test_text_reward_matches_its_definition():
+    """The docstring's formula, by brute force over every substring."""
+    def slow(reading, target):
+        r, t = normalize(reading), normalize(target)
+        cost = min(levenshtein(r[i:j], t) + 0.5 * min(len(r) - (j - i), len(t))
+                   for i in range(len(r) + 1) for j in range(i, len(r) + 1))
+        return max(0.0, 1 - cost / len(t))
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        r = "".join(rng.choice(list("abc"), rng.integers(0, 10)))
+        t = "".join(rng.choice(list("abc"), rng.integers(1, 5)))
+        assert text_reward(r, t) == pytest.approx(slow(r, t)), (r, t)
+        assert (text_reward(r, t) == 1.0) == text_correct(r, t)
 
 
 # ------------------------------------------------------------------------------------------- OCR engine

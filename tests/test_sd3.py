@@ -249,11 +249,15 @@ def test_cli_trains_the_tiny_sd3_with_a_yaml_built_yolo(tiny_sd3, tmp_path):
         "--set", 'reward.detector="yolo11n.yaml"', "--set", "reward.conf=0.001", "--set", "reward.partial_credit=true",
         "--set", "rollout.prompts=2", "--set", "rollout.group_size=2", "--set", "rollout.steps=2",
         "--set", "train.rollouts=1", "--set", "train.inner_updates=1", "--set", 'train.optimizer="adamw"',
-        "--set", "eval.samples=10", "--set", "eval.steps=2", "--set", "eval.every=0",
+        "--set", "eval.samples=10", "--set", "eval.steps=2", "--set", "eval.every=1",
     ], capture_output=True, text=True, env={**os.environ, "YOLO_CONFIG_DIR": str(tmp_path / "yolo")})
     assert out.returncode == 0, out.stderr[-2000:]
     summary = __import__("json").loads((run / "summary.json").read_text())
     assert summary["steps"] == 1 and 0.0 <= summary["accuracy_after"] <= 1.0
+    # the built-in set holds out val items: the adapter is chosen on them, the gain measured on eval
+    assert summary["prompts"]["val"] > 0 and "val split" in summary["validation"] and "val split" in out.stdout
+    splits = [__import__("json").loads(line)["split"] for line in (run / "prompts.jsonl").read_text().splitlines()]
+    assert {"train", "val", "eval"} == set(splits)
     assert (run / "adapter" / "pytorch_lora_weights.safetensors").is_file()
     assert "accuracy before" in out.stdout
 

@@ -29,6 +29,9 @@ def test_two_rollouts_end_to_end_write_the_run_folder(tmp_path):
     for key in ("accuracy_before", "accuracy_after", "steps", "wall_seconds", "objective", "seed"):
         assert key in summary
     assert summary["steps"] == 2 and result.summary["objective"] == "gpo"
+    # the toy world has no val split: validation samples the eval counts on other seeds, and says so
+    assert summary["prompts"]["val"] == 0 and summary["prompts"]["train"] > 0 and summary["prompts"]["eval"] > 0
+    assert "other seeds" in summary["validation"]
     assert load_config(run / "config.toml") == cfg  # the resolved config reloads to the same thing
 
 

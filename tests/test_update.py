@@ -159,6 +159,23 @@ def test_the_loss_contract_is_read_from_the_config():
     assert loss_spec(config) == LossSpec(group_size=6, beta=20.0, objective="dpo", eps_std=0.01, min_std=0.001)
 
 
+def test_beta_per_member_divides_beta_by_the_group_size_and_is_a_mean_over_members():
+    config = load_config(overrides=["rollout.group_size=8", "train.beta=800", "train.beta_per_member=true"])
+    spec = loss_spec(config)
+    assert spec.beta == 100.0 and spec.group_size == 8
+    # gpo at beta / G is l(beta * mean_i A_i d_i): the same sharpness for a group of 8 or of 24
+    from gpo_fast.objective import loss_from_errors, standardize_rewards
+
+    g = torch.Generator().manual_seed(0)
+    e, f, r = torch.rand(16, generator=g, dtype=torch.float64), torch.rand(16, generator=g, dtype=torch.float64), \
+        torch.rand(16, generator=g, dtype=torch.float64)
+    adv, _ = standardize_rewards(r, spec)
+    mean_term = (adv * (e - f).view(2, 8)).mean(dim=1)
+    expected = torch.nn.functional.softplus(800.0 * mean_term).mean()
+    torch.testing.assert_close(loss_from_errors(e, f, r, spec), expected)
+    assert loss_spec(load_config(overrides=["rollout.group_size=8", "train.beta=800"])).beta == 800.0
+
+
 def test_group_noise_is_shared_within_a_group_and_differs_between_groups():
     config = load_config()
     x0 = torch.randn(8, 1, 16, 16)

@@ -3,7 +3,8 @@
 count = number of detections of the prompt's class with confidence >= conf
 reward = 1 if count == n else 0; with partial credit, max(0, 1 - |count - n| / n). correct = (count == n).
 The prompt's class maps to the detector's own class names through gpo_fast.language (exact name,
-singular/plural, synonyms). A detector whose names are ultralytics' defaults '0'..'79' (a model built from a
+singular/plural, synonyms, and the phrases prompts use for COCO classes: 'computer mice' is COCO's
+'mouse'). A detector whose names are ultralytics' defaults '0'..'79' (a model built from a
 .yaml) is taken to be in COCO order. An image the detector fails on gets reward NaN and correct False.
 
 `detector` is a weights file (.pt), a model .yaml (random init: for tests), or a name ultralytics knows

@@ -1,10 +1,14 @@
 """Text-rendering reward: read the image with easyocr and compare the reading with the prompt's target text.
 
-normalize(s) (gpo_fast.language): lower-case, letters and digits only (spaces and punctuation dropped).
-With r = normalize(reading) and t = normalize(target):
-    reward  = 1                                       if t is a substring of r
-            = max(0, 1 - levenshtein(r, t) / len(t))  otherwise
+normalize(s) (gpo_fast.language): Unicode NFKD with accents dropped, case-folded, letters and digits only
+(spaces and punctuation dropped), so 'Café' read as 'CAFE' is exact. With r = normalize(reading) and
+t = normalize(target):
+    cost    = min over substrings s of r of  levenshtein(s, t) + EXTRA_CHAR_COST * min(len(r) - len(s), len(t))
+    reward  = max(0, 1 - cost / len(t))
     correct = (r == t)
+The word read exactly costs 0; a misread letter costs 1; a character read beyond the best-matching substring
+costs EXTRA_CHAR_COST = 0.5, at most len(t) / 2 in all (the right word amid other text keeps half the reward).
+So reward == 1.0 exactly when correct: 'garden' 1, 'xgardenx' 5/6, 'gardan' 5/6, 'garden 2' 11/12.
 An image the OCR fails on gets reward NaN and correct False (its details say why).
 
 easyocr downloads its weights at first use. Offline, the weights are looked for, in order, in `model_dir`
@@ -47,18 +51,31 @@ def levenshtein(a: str, b: str) -> int:
     return prev[-1]
 
 
+EXTRA_CHAR_COST = 0.5  # a character read besides the target, in edits; all of them together cost <= len(t) / 2
+
+
 def text_reward(reading: str, target: str) -> float:
-    """1 if the normalised target is in the normalised reading, else max(0, 1 - edit distance / len(target))."""
+    """max(0, 1 - cost / len(t)) of the normalised reading r and target t, where cost is the least, over the
+    substrings s of r, of levenshtein(s, t) + EXTRA_CHAR_COST * min(len(r) - len(s), len(t)): edits to the best
+    match plus half an edit per extra character read, capped at half the target. 1.0 exactly when r == t."""
     r, t = normalize(reading), normalize(target)
     if not t:
         raise ValueError(f"target text {target!r} has no letters or digits")
-    if t in r:
-        return 1.0
-    return max(0.0, 1.0 - levenshtein(r, t) / len(t))
+    m = len(t)
+    best = float(m)  # the empty substring; a cost of len(t) or more is reward 0
+    for i in range(len(r)):  # substrings longer than 2 len(t) are more than len(t) edits away: never better
+        prev = list(range(m + 1))  # levenshtein(r[i:i], t[:c]) for c = 0..m
+        for j in range(i, min(len(r), i + 2 * m)):
+            cur = [j - i + 1]
+            for c, ct in enumerate(t, 1):
+                cur.append(min(prev[c] + 1, cur[c - 1] + 1, prev[c - 1] + (r[j] != ct)))
+            prev = cur  # prev[m] = levenshtein(r[i:j + 1], t)
+            best = min(best, prev[m] + EXTRA_CHAR_COST * min(len(r) - (j + 1 - i), m))
+    return max(0.0, 1.0 - best / m)
 
 
 def text_correct(reading: str, target: str) -> bool:
-    """Exact match after normalisation."""
+    """Exact match after normalisation; the same as text_reward(reading, target) == 1.0."""
     return normalize(reading) == normalize(target)
 
 
