@@ -291,14 +291,9 @@ def test_loading_checks_counting_text_against_its_fields(tmp_path):
                              "e.g. \"a photo of three computer mice\""),
 ])
 def test_counting_text_that_disagrees_with_its_fields_is_rejected(tmp_path, prompt, cls, n, reason):
-    f = tmp_path / "p.jsonl"
-    bad = json.dumps({"prompt": prompt, "task": "counting", "class": cls, "n": n})
-    f.write_text(f"{GOOD}\n# a comment\n{GOOD}\n{bad}\n{GOOD}\n")
-    with pytest.raises(PromptFileError) as e:
-        load_prompts(f)
-    msg = str(e.value)
+    f, msg = _error_at_line_4(tmp_path, json.dumps({"prompt": prompt, "task": "counting", "class": cls, "n": n}))
     assert msg.startswith(f"{f} line 4: the prompt {prompt!r} ")
-    assert reason in msg and "; " in msg and "\n" not in msg
+    assert reason in msg
 
 
 def test_custom_classes(tmp_path):
@@ -311,6 +306,18 @@ def test_custom_classes(tmp_path):
 
 
 GOOD = '{"prompt": "a photo of two cats", "task": "counting", "class": "cat", "n": 2}'
+
+
+def _error_at_line_4(tmp_path, bad: str):
+    """(file, message) of loading a file whose 4th line is `bad` among a comment, a blank and good lines; the
+    message is one sentence: 'FILE line 4: reason; what to do'."""
+    f = tmp_path / "p.jsonl"
+    f.write_text(f"# a comment\n{GOOD}\n\n{bad}\n{GOOD}\n")
+    with pytest.raises(PromptFileError) as e:
+        load_prompts(f)
+    msg = str(e.value)
+    assert "; " in msg and "\n" not in msg
+    return f, msg
 
 
 @pytest.mark.parametrize("bad, reason", [
@@ -337,13 +344,9 @@ GOOD = '{"prompt": "a photo of two cats", "task": "counting", "class": "cat", "n
     ('{"prompt": "two cats", "task": "counting", "class": "cat", "n": 2, "split": "test"}', "unknown split"),
 ])
 def test_bad_line_names_line_and_reason(tmp_path, bad, reason):
-    f = tmp_path / "p.jsonl"
-    f.write_text(f"# a comment\n{GOOD}\n\n{bad}\n{GOOD}\n")
-    with pytest.raises(PromptFileError) as e:
-        load_prompts(f)
-    msg = str(e.value)
+    f, msg = _error_at_line_4(tmp_path, bad)
     assert msg.startswith(f"{f} line 4: ")
-    assert reason in msg and "; " in msg and "\n" not in msg
+    assert reason in msg
 
 
 def test_file_level_errors(tmp_path):
