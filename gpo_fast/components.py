@@ -68,7 +68,8 @@ def prepare_for_training(model, config: Config):
 
 
 def build_reward(config: Config, device: torch.device):
-    """The reward of the config; engines (YOLO, easyocr) load lazily on first use."""
+    """The reward of the config; engines (YOLO, easyocr) load lazily on first use; a Python reward's factory is
+    imported and called now (PythonRewardError, one sentence, when it cannot be)."""
     settings = config.reward
     if settings.kind == "toy-count":
         from gpo_fast.toy.reward import DotCountReward
@@ -77,6 +78,10 @@ def build_reward(config: Config, device: torch.device):
     on_gpu = settings.device == "auto" and device.type == "cuda"
 
     def make(kind: str):
+        if kind == "python":
+            from gpo_fast.rewards.python import PythonReward
+
+            return PythonReward(settings.callable, settings.options)
         if kind == "yolo-count":
             from gpo_fast.rewards.counting import YoloCountReward
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -129,9 +129,14 @@ class TrainSection(_Section):
 
 
 class RewardSection(_Section):
-    kind: Literal["toy-count", "yolo-count", "ocr-text", "composite"] = Field(
+    kind: Literal["toy-count", "yolo-count", "ocr-text", "python", "composite"] = Field(
         "toy-count", description="toy-count (blob count), yolo-count (ultralytics YOLO), ocr-text (easyocr), "
-                                 "or composite (weighted sum, see `weights`).")
+                                 "python (your own, see `callable`) or composite (weighted sum, see `weights`).")
+    callable: Optional[str] = Field(None, description=(
+        "python: 'package.module:factory' or 'path/to/file.py:factory'; the factory gets reward.options (a dict) "
+        "and returns an object with measure(images, prompts) -> RewardResult (README, 'Your own reward'). "
+        "Loading it runs its code, as loading a YOLO .pt does: use only code you trust."))
+    options: dict[str, Any] = Field(default_factory=dict, description="python: the table passed to the factory.")
     min_size: int = Field(1, ge=1, description="toy-count: ignore components smaller than this (pixels); 1 = strict.")
     partial_credit: bool = Field(False, description="Counting: reward max(0, 1 - |count - n| / n) instead of 0/1.")
     detector: str = Field("yolo11n.pt", description="yolo-count: YOLO weights (.pt path or a name ultralytics knows).")
@@ -146,11 +151,14 @@ class RewardSection(_Section):
         if self.kind == "composite":
             if not self.weights:
                 raise ValueError("reward.kind = 'composite' needs reward.weights, e.g. {yolo-count = 1.0, ocr-text = 1.0}")
-            bad = [k for k in self.weights if k not in ("yolo-count", "ocr-text")]
+            bad = [k for k in self.weights if k not in ("yolo-count", "ocr-text", "python")]
             if bad:
-                raise ValueError(f"reward.weights: unknown reward {bad[0]!r}; use yolo-count and/or ocr-text")
+                raise ValueError(f"reward.weights: unknown reward {bad[0]!r}; use yolo-count, ocr-text and/or python")
             if any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
                 raise ValueError("reward.weights must be >= 0 with a positive sum")
+        if (self.kind == "python" or (self.kind == "composite" and "python" in self.weights)) and not self.callable:
+            raise ValueError("reward.kind = 'python' needs reward.callable, e.g. 'my_rewards:brightness' or "
+                             "'rewards.py:brightness'")
         return self
 
 
@@ -177,10 +185,12 @@ class Config(_Section):
     @model_validator(mode="after")
     def _consistent(self):
         toy = self.model.kind == "toy"
-        if toy != (self.reward.kind == "toy-count") or toy != (self.data.prompts == "toy"):
-            raise ValueError("the toy model goes with reward.kind = 'toy-count' and data.prompts = 'toy', and only "
-                             f"it does (got model.kind = {self.model.kind!r}, reward.kind = {self.reward.kind!r}, "
-                             f"data.prompts = {self.data.prompts!r}); start from --preset toy or an sd35m preset")
+        toy_reward = self.reward.kind in ("toy-count", "python") if toy else self.reward.kind != "toy-count"
+        if not toy_reward or toy != (self.data.prompts == "toy"):
+            raise ValueError("the toy model goes with reward.kind = 'toy-count' (or 'python') and data.prompts = "
+                             f"'toy', and only it does (got model.kind = {self.model.kind!r}, reward.kind = "
+                             f"{self.reward.kind!r}, data.prompts = {self.data.prompts!r}); start from --preset toy or "
+                             "an sd35m preset")
         if self.model.quantize != "none" and not self.lora.enabled:
             raise ValueError(f"model.quantize = '{self.model.quantize}' trains a LoRA on frozen quantized weights; "
                              "set lora.enabled = true or model.quantize = 'none'")

@@ -14,7 +14,7 @@ LAYERS = {
     1: ["errors", "language", "config", "checkpoint", "distributed"],
     2: ["objective", "kernels", "kernels.mse", "kernels.gpo", ""],  # "": gpo_fast/__init__ re-exports the loss
     3: ["models", "models.base", "models.sd3", "models.testing", "rewards", "rewards.base", "rewards.counting",
-        "rewards.text", "rewards.composite", "toy", "toy.data", "toy.model", "toy.reward", "toy.evaluate",
+        "rewards.text", "rewards.composite", "rewards.python", "toy", "toy.data", "toy.model", "toy.reward", "toy.evaluate",
         "toy.pretrain", "sampling", "prompts", "evaluate"],
     4: ["components"],
     5: ["update", "train", "report", "tuned", "plan"],
@@ -99,7 +99,8 @@ def test_the_checks_see_an_upward_import_and_a_circle():
 
 USER_ERRORS = ["gpo_fast.checkpoint.CheckpointError", "gpo_fast.checkpoint.DamagedCheckpoint",
                "gpo_fast.config.ConfigError", "gpo_fast.models.sd3.ModelLoadError", "gpo_fast.prompts.PromptFileError",
-               "gpo_fast.rewards.base.RewardEngineError", "gpo_fast.train.TrainingDiverged"]
+               "gpo_fast.rewards.base.RewardEngineError", "gpo_fast.rewards.python.PythonRewardError",
+               "gpo_fast.train.TrainingDiverged"]
 
 
 @pytest.mark.parametrize("name", USER_ERRORS)
