@@ -31,6 +31,7 @@ import torch
 
 from gpo_fast.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gpo_fast.components import Task, autocast_for, build_evaluator, build_model, build_task, resolve_device
+from gpo_fast.card import write_model_card
 from gpo_fast.config import VALIDATION_SEED_OFFSET, Config, dump_config, resume_conflicts
 from gpo_fast.distributed import Dist
 from gpo_fast.errors import InputError, UserError
@@ -353,6 +354,8 @@ def finish(run: Run, start: float) -> RunResult:
     run.writer.close()
     save_before_after(st.before_images, after_images, run.out / "before_after.png")
     save_reward_curve(st.history, run.out / "reward_curve.png")
+    write_model_card(run.out / ("adapter" if config.lora.enabled else "model"), config, summary,
+                     run.out / "before_after.png")
     run.dist.barrier()
     return RunResult(summary, st.history, run.model)
 

@@ -14,10 +14,10 @@ LAYERS = {
     1: ["errors", "language", "config", "checkpoint", "distributed"],
     2: ["objective", "kernels", "kernels.mse", "kernels.gpo", ""],  # "": gpo_fast/__init__ re-exports the loss
     3: ["models", "models.base", "models.sd3", "models.testing", "rewards", "rewards.base", "rewards.counting",
-        "rewards.text", "rewards.composite", "rewards.python", "toy", "toy.data", "toy.model", "toy.reward", "toy.evaluate",
-        "toy.pretrain", "sampling", "prompts", "evaluate"],
+        "rewards.text", "rewards.composite", "rewards.python", "toy", "toy.data", "toy.model", "toy.reward",
+        "toy.evaluate", "toy.pretrain", "sampling", "prompts", "evaluate"],
     4: ["components"],
-    5: ["update", "train", "report", "tuned", "plan"],
+    5: ["update", "train", "report", "card", "tuned", "plan"],
     6: ["cli", "doctor"],
 }
 LAYER = {("gpo_fast." + m).rstrip("."): layer for layer, mods in LAYERS.items() for m in mods}

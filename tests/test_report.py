@@ -44,3 +44,30 @@ def test_plots_are_written(tmp_path):
     save_accuracy_bars(report, ["base", "tuned"], tmp_path / "bars.png")
     for name in ("curve.png", "bars.png"):
         assert min(Image.open(tmp_path / name).size) > 100
+
+
+def test_the_model_card_front_matter_is_what_the_hub_reads(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from gpo_fast.card import write_model_card
+    from gpo_fast.config import load_config
+
+    config = load_config(preset="sd35m-counting", overrides=["lora.rank=16"])
+    summary = {"accuracy_before": 0.41, "accuracy_after": 0.58, "gain": 0.17, "gain_ci95": [0.10, 0.24],
+               "eval_samples": 400, "best_rollout": 250, "rollouts": 300, "steps": 600,
+               "validation": "the val split (38 prompts, disjoint from eval)"}
+    grid = tmp_path / "before_after.png"
+    grid.write_bytes(b"\x89PNG fake")
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    card = ModelCard.load(write_model_card(folder, config, summary, grid))
+    data = card.data.to_dict()
+    assert data["base_model"] == "stabilityai/stable-diffusion-3.5-medium" and data["library_name"] == "diffusers"
+    assert {"lora", "gpo"} <= set(data["tags"]) and data["license"] == "other"
+    assert data["license_name"] == "stabilityai-ai-community"
+    assert "+17.0 points, 95% interval [+10.0, +24.0]" in card.text and "rollout 250" in card.text
+    assert "![the same prompts and seeds, before and after](before_after.png)" in card.text
+    assert (folder / "before_after.png").read_bytes() == grid.read_bytes()
+    assert 'pipe.load_lora_weights("' in card.text and "LoRA rank 16" in card.text
+    toy = ModelCard.load(write_model_card(folder, load_config(), summary, None)).data.to_dict()
+    assert toy["license"] == "apache-2.0" and "base_model" not in toy

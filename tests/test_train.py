@@ -17,7 +17,7 @@ def test_two_rollouts_end_to_end_write_the_run_folder(tmp_path):
     result = train(cfg, log=lambda *a: None)
     run = tmp_path / "run"
     for name in ("config.toml", "metrics.jsonl", "summary.json", "before_after.png", "reward_curve.png",
-                 "adapter/pytorch_lora_weights.safetensors"):
+                 "adapter/pytorch_lora_weights.safetensors", "adapter/README.md", "adapter/before_after.png"):
         assert (run / name).is_file(), name
     assert any((run / "tensorboard").iterdir())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
