@@ -147,6 +147,7 @@ class Task:
     train_prompts: list[Prompt]
     eval_prompts: list[Prompt]
     val_prompts: list[Prompt] = field(default_factory=list)
+    watch: object = None  # eval.watch_reward: measured at every evaluation, never trained on
 
     @property
     def validation(self) -> str:
@@ -167,7 +168,13 @@ def build_task(config: Config, device: torch.device) -> Task:
     classes = list(getattr(reward, "names", {}).values()) or None
     if classes and config.data.prompts not in ("toy", "counting", "text"):
         train_prompts, val_prompts, eval_prompts = build_prompts(config, classes=classes)
-    return Task(reward, train_prompts, eval_prompts, val_prompts)
+    watch = None
+    if config.eval.watch_reward is not None:
+        watch = build_reward(config.model_copy(update={"reward": config.reward.model_copy(
+            update={"kind": config.eval.watch_reward})}), device)
+        if hasattr(watch, "load"):
+            watch.load()
+    return Task(reward, train_prompts, eval_prompts, val_prompts, watch)
 
 
 def build_evaluator(config: Config, task: Task, device: torch.device, split: str = "eval"):
@@ -179,8 +186,8 @@ def build_evaluator(config: Config, task: Task, device: torch.device, split: str
     if config.model.kind == "toy":
         from gpo_fast.toy.evaluate import ToyEvaluator
 
-        return ToyEvaluator(ev.samples, ev.steps, ev.cfg_scale, precision=precision)
+        return ToyEvaluator(ev.samples, ev.steps, ev.cfg_scale, precision=precision, watch=task.watch)
     from gpo_fast.evaluate import PromptEvaluator
 
     return PromptEvaluator(task.reward, prompts, ev.samples, ev.steps, ev.cfg_scale,
-                           batch_size=config.rollout.batch_size, precision=precision)
+                           batch_size=config.rollout.batch_size, precision=precision, watch=task.watch)

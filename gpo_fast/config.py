@@ -168,6 +168,14 @@ class EvalSection(_Section):
     steps: int = Field(12, ge=1, le=1000)
     cfg_scale: float = Field(2.0, ge=1.0, le=30.0)
     seed: int = Field(10_000, description="Seed of the held-out noise (disjoint from training seeds).")
+    watch_multiple: float = Field(1.0, ge=0.0, description=(
+        "Reward-hacking watch: warn once when an image statistic the reward does not see (brightness, saturation, "
+        "contrast, near-black, near-white, high-frequency energy) of the validation images moves more than this "
+        "many of the base's spreads while the training reward climbs (0: no warning; the drifts are logged)."))
+    watch_reward: Optional[Literal["toy-count", "yolo-count", "ocr-text", "python"]] = Field(None, description=(
+        "A second reward measured at every evaluation and never trained on (its settings are the reward "
+        "section's for that kind), logged as watch_reward_mean: a climbing reward with a flat or falling watch "
+        "is a sign of gaming."))
 
 
 class Config(_Section):
@@ -388,7 +396,7 @@ def describe_config(config: Config) -> str:
 # Keys a resumed run may change: they do not change the math of the updates already made or to come.
 RESUME_HARMLESS = {"out", "train.rollouts", "train.time_budget_s", "train.checkpoint_every", "train.keep_checkpoints",
                    "train.max_bad_updates",
-                   "eval.every"}
+                   "eval.every", "eval.watch_multiple"}
 
 
 def resume_conflicts(old: Config, new: Config) -> list[str]:

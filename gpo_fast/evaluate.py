@@ -25,6 +25,7 @@ from gpo_fast.language import Prompt
 from gpo_fast.models.base import ADAPTER_FILE, DiffusionModel
 from gpo_fast.rewards.base import Reward
 from gpo_fast.sampling import sample
+from gpo_fast.watch import StatsAccumulator
 
 
 class Evaluator(Protocol):
@@ -51,13 +52,15 @@ class PromptEvaluator:
     batch_size: int = 0  # images per sampler forward; 0: all at once
     keep_images: int = 50
     precision: Callable = contextlib.nullcontext  # bf16 autocast on a GPU (gpo_fast.components.autocast_for)
+    watch: Reward | None = None  # measured beside the reward, never trained on (eval.watch_reward)
     headline = {}
 
     def __call__(self, model: DiffusionModel, seed: int) -> tuple[dict, torch.Tensor]:
         chosen = [self.prompts[i % len(self.prompts)] for i in range(self.samples)]
         gen = torch.Generator().manual_seed(seed)
         step = self.batch_size or self.samples
-        images, rewards, correct = [], [], []
+        images, rewards, correct, watched = [], [], [], []
+        stats = StatsAccumulator()
         model.eval()
         for i in range(0, self.samples, step):
             part = chosen[i:i + step]
@@ -67,6 +70,9 @@ class PromptEvaluator:
                 imgs = model.decode(latents).float().cpu()
             with full_precision():  # reward engines (easyocr) break on bf16 outputs of an enclosing autocast
                 scored = self.reward.measure(imgs, part)
+                if self.watch is not None:
+                    watched.append(self.watch.measure(imgs, part).reward.float().cpu())
+            stats.add(imgs)
             kept = sum(len(x) for x in images)
             if kept < self.keep_images:
                 images.append(imgs[:self.keep_images - kept])
@@ -80,6 +86,8 @@ class PromptEvaluator:
             "accuracy_stderr": math.sqrt(acc * (1 - acc) / self.samples),
             "reward_mean": rewards.nanmean().item(),
             "failed": int(rewards.isnan().sum()),
+            "image_stats": stats.summary(),
+            **({"watch_reward_mean": torch.cat(watched).nanmean().item()} if watched else {}),
         }, torch.cat(images)
 
 

@@ -29,9 +29,9 @@ from typing import Callable
 
 import torch
 
+from gpo_fast.card import write_model_card
 from gpo_fast.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gpo_fast.components import Task, autocast_for, build_evaluator, build_model, build_task, resolve_device
-from gpo_fast.card import write_model_card
 from gpo_fast.config import VALIDATION_SEED_OFFSET, Config, dump_config, resume_conflicts
 from gpo_fast.distributed import Dist
 from gpo_fast.errors import InputError, UserError
@@ -40,6 +40,7 @@ from gpo_fast.prompts import write_jsonl
 from gpo_fast.report import gain_interval, save_before_after, save_grid, save_reward_curve, write_atomic, write_json
 from gpo_fast.sampling import rollout
 from gpo_fast.update import degenerate_fraction, gpo_update, loss_spec, make_optimizer, make_schedule
+from gpo_fast.watch import DriftWatch, reward_climbing
 
 DEGENERATE_WARN_AFTER = 5  # rollouts in a row with >= 90% degenerate groups before the loop says so
 
@@ -69,6 +70,7 @@ class LoopState:
     before_images: torch.Tensor | None = None
     best: dict | None = None  # {"rollout", "accuracy" (validation), "state" (the trained weights)}
     history: list[dict] = field(default_factory=list)  # the metrics rows so far
+    watch: DriftWatch | None = None  # the reward-hacking watch, from the base model's validation
 
 
 @dataclass
@@ -109,9 +111,8 @@ class Run:
     def params(self) -> list[torch.nn.Parameter]:
         return self.model.trainable_parameters()
 
-    def validate(self) -> tuple[float, torch.Tensor]:
-        metrics, images = (self.validator or self.evaluator)(self.model, self.config.eval.seed + VALIDATION_SEED_OFFSET)
-        return metrics["accuracy"], images
+    def validate(self) -> tuple[dict, torch.Tensor]:
+        return (self.validator or self.evaluator)(self.model, self.config.eval.seed + VALIDATION_SEED_OFFSET)
 
     def save_checkpoint(self) -> None:
         st = self.state
@@ -121,6 +122,8 @@ class Run:
             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": rng_state(st.generator),
             "before": st.before, "before_images": st.before_images, "best": st.best,
             "config": self.config.model_dump(mode="json"),
+            "watch": None if st.watch is None else {"base": st.watch.base, "warning": st.watch.warning,
+                                                    "max_drift": st.watch.max_drift},
             "counters": {"skipped_updates": st.skipped_updates, "bad_updates_in_a_row": st.bad_updates_in_a_row,
                          "degenerate_streak": st.degenerate_streak},
         }, keep=self.config.train.keep_checkpoints)
@@ -139,6 +142,9 @@ class Run:
         st.bad_updates_in_a_row = counters.get("bad_updates_in_a_row", 0)
         st.degenerate_streak = counters.get("degenerate_streak", 0)
         st.history = _metrics_until(self.out / "metrics.jsonl", st.rollout) if self.main else []
+        if ck.get("watch"):
+            st.watch = DriftWatch(ck["watch"]["base"], self.config.eval.watch_multiple)
+            st.watch.warning, st.watch.max_drift = ck["watch"]["warning"], ck["watch"]["max_drift"]
 
 
 def train(config: Config, log=print, progress=None, on_update=None, resume: Path | None = None) -> RunResult:
@@ -214,7 +220,9 @@ def begin(run: Run, resume: Path | None) -> None:
         run.log(f"before: accuracy {st.before['accuracy']:.3f} +- {st.before['accuracy_stderr']:.3f} on "
                 f"{ev.samples} held-out samples")
     if ev.every and st.best is None:  # a fresh run, or validation switched on at the resume: start from here
-        st.best = _snapshot(run.model, st.rollout, run.validate()[0])
+        metrics, _ = run.validate()
+        st.best = _snapshot(run.model, st.rollout, metrics["accuracy"])
+        st.watch = DriftWatch(metrics["image_stats"], ev.watch_multiple)
     from torch.utils.tensorboard import SummaryWriter
 
     run.writer = SummaryWriter(str(run.out / "tensorboard"), purge_step=st.rollout + 1)  # a resume drops later events
@@ -296,7 +304,11 @@ def record(run: Run, batch: Batch, stats: list[dict], grad_norm: float, seconds:
         return row
     ev = run.config.eval
     if ev.every and st.rollout % ev.every == 0:
-        row["val_accuracy"], val_images = run.validate()
+        metrics, val_images = run.validate()
+        row["val_accuracy"] = metrics["accuracy"]
+        if "watch_reward_mean" in metrics:
+            row["val_watch_reward"] = metrics["watch_reward_mean"]
+        _watch(run, row, metrics)
         save_grid(val_images[:50], run.out / "samples" / f"rollout-{st.rollout:05d}.png")
         if row["val_accuracy"] > st.best["accuracy"]:
             st.best = _snapshot(run.model, st.rollout, row["val_accuracy"])
@@ -307,6 +319,19 @@ def record(run: Run, batch: Batch, stats: list[dict], grad_norm: float, seconds:
         if isinstance(v, (int, float)) and math.isfinite(v):
             run.writer.add_scalar(k, v, st.rollout)
     return row
+
+
+def _watch(run: Run, row: dict, metrics: dict) -> None:
+    """The drift of each image statistic from the base validation (row keys watch_<stat>, in base spreads), and
+    the one warning when one moves too far while the reward climbs."""
+    st = run.state
+    if st.watch is None or "image_stats" not in metrics:
+        return
+    climbing = reward_climbing([h["reward_mean"] for h in st.history])
+    warning = st.watch.check(metrics["image_stats"], climbing, st.rollout)
+    row.update({f"watch_{name}": drift for name, drift in st.watch.drift(metrics["image_stats"]).items()})
+    if warning:
+        run.log(f"warning: {warning}")
 
 
 def out_of_time(run: Run, start: float) -> bool:
@@ -327,7 +352,7 @@ def finish(run: Run, start: float) -> RunResult:
         return RunResult({}, st.history, run.model)
     run.metrics_file.close()
     if config.eval.every:  # a last look at the final weights, then keep the best on the validation seeds
-        accuracy = run.validate()[0]
+        accuracy = run.validate()[0]["accuracy"]
         if accuracy > st.best["accuracy"]:
             st.best = _snapshot(run.model, st.rollout, accuracy)
         _load_trained_state(run.model, st.best["state"])
@@ -347,6 +372,8 @@ def finish(run: Run, start: float) -> RunResult:
         "prompts": {"train": len(run.task.train_prompts), "val": len(run.task.val_prompts),
                     "eval": len(run.task.eval_prompts)},
         "validation": run.task.validation if config.eval.every else "none (eval.every = 0: the final weights)",
+        "watch": None if st.watch is None else {"max_drift": st.watch.max_drift, "warning": st.watch.warning,
+                                                "base": st.watch.base},
     }
     for key, name in run.evaluator.headline.items():  # what this evaluator reports beside accuracy
         summary.update({f"{name}_before": st.before[key], f"{name}_after": after[key]})

@@ -32,6 +32,7 @@ def test_two_rollouts_end_to_end_write_the_run_folder(tmp_path):
     # the toy world has no val split: validation samples the eval counts on other seeds, and says so
     assert summary["prompts"]["val"] == 0 and summary["prompts"]["train"] > 0 and summary["prompts"]["eval"] > 0
     assert "other seeds" in summary["validation"]
+    assert summary["watch"]["warning"] is None and set(summary["watch"]["max_drift"]) >= {"brightness", "contrast"}
     assert load_config(run / "config.toml") == cfg  # the resolved config reloads to the same thing
 
 

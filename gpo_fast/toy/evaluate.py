@@ -13,10 +13,12 @@ from typing import Callable
 
 import torch
 
+from gpo_fast.language import Prompt
 from gpo_fast.models.base import DiffusionModel
 from gpo_fast.sampling import sample
 from gpo_fast.toy.data import MAX_DOTS, count_in_prompt, prompt_for
 from gpo_fast.toy.reward import count_dots
+from gpo_fast.watch import StatsAccumulator
 
 LENIENT_MIN_SIZE = 5  # the lenient counter ignores specks under 5 px; accuracy is also reported strict
 
@@ -57,6 +59,7 @@ class ToyEvaluator:
     cfg_scale: float
     keep_images: int = 50
     precision: Callable = contextlib.nullcontext  # bf16 autocast on a GPU (gpo_fast.components.autocast_for)
+    watch: object = None  # a reward measured beside the count, never trained on (eval.watch_reward)
     # beside accuracy, the run summary reports these before and after (metric -> summary name)
     headline = {"accuracy_lenient": "accuracy_lenient", "blank_fraction": "blank"}
 
@@ -65,4 +68,11 @@ class ToyEvaluator:
         with torch.no_grad(), self.precision():
             metrics, images = evaluate_toy(model, n_samples=self.samples, steps=self.steps, cfg_scale=self.cfg_scale,
                                            seed=seed)
-        return metrics, images[:self.keep_images].float().cpu()
+        images = images.float().cpu()
+        stats = StatsAccumulator()
+        stats.add(images)
+        metrics["image_stats"] = stats.summary()
+        if self.watch is not None:
+            prompts = [Prompt(text=t, task="toy", n=count_in_prompt(t)) for t in toy_eval_prompts(self.samples)]
+            metrics["watch_reward_mean"] = self.watch.measure(images, prompts).reward.float().nanmean().item()
+        return metrics, images[:self.keep_images]
