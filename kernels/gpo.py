@@ -171,13 +171,14 @@ def _gpo_finalize_kernel(
 
 # Largest tile (elements) one finalize step holds; tests lower it to walk several group blocks.
 FINALIZE_TILE = 4096
+PAIR_TILE = 2048  # gpo-pairs' block of pairs (BLOCK_I x BLOCK_G), benchmarks/compile_kernels.py: no spill to G = 256
 
 
 def finalize_warps(tile: int) -> int:
     """Warps for a finalize program whose largest tile holds `tile` elements (BLOCK_P * BLOCK_G, or BLOCK_P *
     BLOCK_I * BLOCK_G for gpo-pairs' block of pairs; at most FINALIZE_TILE): 4 up to 256, then 8 (16 elements of
-    a 4096 tile per thread), which keeps every variant free of register spills on sm_80-sm_90 for groups up to
-    256 (benchmarks/compile_kernels.py). A larger tile would take up to 32 warps, the most a block holds."""
+    a 4096 tile per thread), which with PAIR_TILE keeps every variant free of register spills on sm_80-sm_90 for
+    groups up to 256 (benchmarks/compile_kernels.py). A larger tile would take up to 32 warps, a block's most."""
     if tile <= 256:
         return 4
     return min(32, max(8, triton.next_power_of_2(tile) // 512))
@@ -196,8 +197,9 @@ def gpo_forward(
     coef = torch.empty(n, device=pred2d.device, dtype=torch.float32)
     policy_err = torch.empty(n, device=pred2d.device, dtype=torch.float32)
     block_g = triton.next_power_of_2(group_size)
-    # gpo-pairs walks its pair tile in blocks of rows: a whole group's when it fits the tile
-    block_i = min(block_g, max(1, FINALIZE_TILE // block_g)) if spec.objective == "gpo-pairs" else 1
+    # gpo-pairs walks its pair tile in blocks of rows (a whole group's when it fits PAIR_TILE): several pair
+    # tiles are alive at once, and with the float64 rewards a 4096-element one spilled at G = 128
+    block_i = min(block_g, max(1, PAIR_TILE // block_g)) if spec.objective == "gpo-pairs" else 1
     per_group = block_i * block_g if spec.objective == "gpo-pairs" else block_g
     block_p = max(1, min(triton.next_power_of_2(n_groups), FINALIZE_TILE // per_group))
     block_c = max(1, min(triton.next_power_of_2(n_chunks), FINALIZE_TILE // (block_p * block_g)))
