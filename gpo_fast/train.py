@@ -329,7 +329,7 @@ def _watch(run: Run, row: dict, metrics: dict) -> None:
         return
     climbing = reward_climbing([h["reward_mean"] for h in st.history])
     warning = st.watch.check(metrics["image_stats"], climbing, st.rollout)
-    row.update({f"watch_{name}": drift for name, drift in st.watch.drift(metrics["image_stats"]).items()})
+    row.update({f"watch_{name}": drift for name, drift in st.watch.last_drift.items()})
     if warning:
         run.log(f"warning: {warning}")
 

@@ -67,6 +67,7 @@ class DriftWatch:
         self.multiple = multiple
         self.warning: str | None = None
         self.max_drift = {name: 0.0 for name in base}
+        self.last_drift: dict[str, float] = {}  # of the latest check
 
     def drift(self, stats: dict[str, dict[str, float]]) -> dict[str, float]:
         """name -> (mean now - mean at base) / max(base std, SPREAD_FLOOR), signed."""
@@ -78,9 +79,9 @@ class DriftWatch:
         return out
 
     def check(self, stats: dict[str, dict[str, float]], reward_climbing: bool, rollout: int) -> str | None:
-        """The drifts of this validation; the warning the first time one passes the multiple while the reward
-        climbs (None otherwise, and after that)."""
-        drifts = self.drift(stats)
+        """The warning the first time a drift passes the multiple while the reward climbs (None otherwise, and
+        after that); this validation's drifts are left in `last_drift`."""
+        drifts = self.last_drift = self.drift(stats)
         if self.warning is not None or not self.multiple or not reward_climbing:
             return None
         moved = sorted((name for name, d in drifts.items() if abs(d) > self.multiple), key=lambda n: -abs(drifts[n]))
