@@ -15,6 +15,13 @@ images add the VAE decode a rollout needs for its rewards. The largest differenc
 is reported (exactly 0 for latents in float32 on the CPU; bf16 on a GPU differs a little, since the
 pipeline keeps its latents in bf16 between steps and gpo-fast in float32).
 
+Scored rollouts (`--outputs scored`): the trainer's rollout of --prompts prompts x G images, drawn one group
+per sampler batch and scored by the counting reward (YOLO, --detector: yolo11n.yaml builds random weights
+offline, a .pt loads trained ones) with rollout.overlap_scoring off (serial: score, then draw the next
+batch) and on (overlap: a worker thread scores each batch while the next is drawn); images/s counts the
+whole rollout, rewards included; max_abs_diff is the largest difference between the two runs' rewards
+(0: the overlap changes nothing).
+
 The model: SD3.5-Medium-shaped with random weights, built in memory on the GPU in bf16 (the transformer
 from SD3.5 Medium's config, see bench_step.SD35M; the VAE from SD3.5 Medium's vae/config.json; its
 scheduler, FlowMatchEulerDiscreteScheduler with shift 3.0; two tiny random CLIP text encoders whose
@@ -27,12 +34,14 @@ float32 (a smoke test and a parity check; its numbers mean nothing).
     python benchmarks/bench_rollout.py                     # SD3.5-M-shaped, random weights (GPU)
     python benchmarks/bench_rollout.py --model /models/sd3.5m
     python benchmarks/bench_rollout.py --tiny              # CPU smoke run
+    python benchmarks/bench_rollout.py --tiny --outputs scored --prompts 4   # the overlap on the CPU
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import statistics
@@ -109,7 +118,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--cfg", type=float, default=4.5)
     ap.add_argument("--repeats", type=int, default=3, help="timed rollouts per implementation (median reported)")
-    ap.add_argument("--outputs", nargs="+", default=["latent", "images"], choices=["latent", "images"])
+    ap.add_argument("--outputs", nargs="+", default=["latent", "images", "scored"],
+                    choices=["latent", "images", "scored"])
+    ap.add_argument("--prompts", type=int, default=4, help="prompts per scored rollout (one group per batch)")
+    ap.add_argument("--detector", default="yolo11n.yaml", help="the counting reward's YOLO for scored rollouts")
     ap.add_argument("--tiny", action="store_true", help="a tiny pipeline on the CPU, float32 (smoke test)")
     ap.add_argument("--csv", type=Path, default=RESULTS / "rollout.csv")
     args = ap.parse_args(argv)
@@ -159,7 +171,7 @@ def main(argv=None) -> int:
     name = args.model or ("tiny" if args.tiny else "sd35m-random")
     rev = commit()
     rows = []
-    for output in args.outputs:
+    for output in [o for o in args.outputs if o != "scored"]:
         outs, pair = {}, []
         for impl, fn in (("pipeline", pipeline), ("ours", ours)):
             fn(output)  # warm-up (kernels, allocator)
@@ -190,14 +202,71 @@ def main(argv=None) -> int:
         p, o = (float(r["seconds_median"]) for r in pair)
         print(f"{output:6s}: pipeline {pair[0]['images_per_s']} images/s, ours {pair[1]['images_per_s']} images/s "
               f"({p / o:.2f}x); largest difference {diff:.3g}", flush=True)
+    pair = scored_rollouts(model, args, g, cuda) if "scored" in args.outputs else []
+    if pair:
+        for r in pair:
+            r.update(gpu=gpu, commit=rev, model=name, resolution=resolution, group_size=g, steps=args.steps,
+                     cfg=args.cfg, output="scored")
+        rows += pair
+        append_rows(args.csv, FIELDS, pair)
+        s_, o_ = (float(r["seconds_median"]) for r in pair)
+        print(f"scored: serial {pair[0]['images_per_s']} images/s, overlap {pair[1]['images_per_s']} images/s "
+              f"({s_ / o_:.2f}x); largest reward difference {pair[0]['max_abs_diff']}", flush=True)
     print(f"\n{gpu}, commit {rev}, {name}: one group of {g} at {resolution} px, {args.steps} steps, CFG {args.cfg}\n")
-    print("| output | pipeline images/s | ours images/s | speed-up | pipeline peak GB | ours peak GB |\n|---|---|---|---|---|---|")
+    print("| output | first images/s | second images/s | speed-up | first peak GB | second peak GB |\n|---|---|---|---|---|---|")
     for i in range(0, len(rows), 2):
         p, o = rows[i], rows[i + 1]
-        print(f"| {p['output']} | {p['images_per_s']} | {o['images_per_s']} | "
+        print(f"| {p['output']} ({p['impl']} / {o['impl']}) | {p['images_per_s']} | {o['images_per_s']} | "
               f"{float(p['seconds_median']) / float(o['seconds_median']):.2f}x | {p['peak_alloc_gb'] or '-'} | "
               f"{o['peak_alloc_gb'] or '-'} |")
     return 0
+
+
+def scored_rollouts(model, args, g: int, cuda: bool) -> list[dict]:
+    """The trainer's rollout with its reward, serial and overlapped: two rows (impl ours-serial, ours-overlap)."""
+    from gpo_fast.language import Prompt
+    from gpo_fast.rewards.counting import YoloCountReward
+    from gpo_fast.sampling import rollout
+
+    if importlib.util.find_spec("ultralytics") is None:
+        print("scored: the counting reward needs ultralytics, which is not installed here; not measured")
+        return []
+    reward = YoloCountReward(args.detector, conf=0.01)
+    prompts = [Prompt(text=f"a photo of {n} cats", task="counting", cls="cat", n=n) for n in
+               (1 + i % 5 for i in range(args.prompts))]
+    per_sample = [p for p in prompts for _ in range(g)]
+    if hasattr(model, "cache_prompts"):
+        model.cache_prompts([p.text for p in prompts])
+    noise = torch.randn((len(per_sample), *model.latent_shape), generator=torch.Generator().manual_seed(1))
+
+    def run(overlap):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            parts = rollout(model, [p.text for p in prompts], g, steps=args.steps, cfg_scale=args.cfg,
+                            generator=torch.Generator(), batch_size=g, noise=noise, overlap=overlap,
+                            score=lambda images, start: reward.measure(images, per_sample[start:start + len(images)]))[3]
+        return torch.cat([r.reward for r in parts])
+
+    out, rewards = [], {}
+    for impl, overlap in (("ours-serial", False), ("ours-overlap", True)):
+        run(overlap)  # warm-up (the detector loads on the first call)
+        times = []
+        for _ in range(args.repeats):
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            rewards[impl] = run(overlap)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        out.append(dict(impl=impl, seconds_median=f"{med:.4f}", images_per_s=f"{len(per_sample) / med:.2f}",
+                        peak_alloc_gb=f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if cuda else ""))
+    diff = (rewards["ours-serial"] - rewards["ours-overlap"]).abs().nan_to_num(0.0).max().item()
+    same_nan = torch.equal(rewards["ours-serial"].isnan(), rewards["ours-overlap"].isnan())
+    for r in out:
+        r["max_abs_diff"] = f"{diff:.3g}" if same_nan else "nan-mismatch"
+    return out
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with a CUDA GPU. At most about 9.5 minutes, so it fits one 600 s device call:
-# every step has a timeout (they add up to 570 s), and the kernel sweep starts no new shape after 60 s
+# every step has a timeout (they add up to 580 s), and the kernel sweep starts no new shape after 50 s
 # (most important first) and writes its summary and plots even when its timeout stops it.
 #   1. the parity tests on CUDA (the Triton kernels compiled natively, against the PyTorch reference,
 #      CUDA-graph capture included),
@@ -10,7 +10,8 @@
 #      gpo-fast plan's planned peak beside the measured one: commit the ratio),
 #   4. the rollout benchmark (benchmarks/bench_rollout.py: images/s of one group of 8 at 512 px, 10 steps,
 #      CFG 4.5, the trainer's sampler vs StableDiffusion3Pipeline.__call__ on the same model, latents and
-#      decoded images).
+#      decoded images), then a scored rollout of 2 prompts x 8 with the counting reward (YOLO from its yaml)
+#      scored in line and overlapped with sampling (rollout.overlap_scoring); skipped without ultralytics.
 # Writes gpu_check.log, kernels.csv, step.csv, rollout.csv, the plots and the summary to $OUT when set, else to
 # benchmarks/results/. Commit what it wrote under benchmarks/results/ (the files carry the card's name).
 #
@@ -45,11 +46,11 @@ status=0
   echo "== parity tests on CUDA"
   timeout -k 5 110 "$PY" -m pytest -q -p no:cacheprovider $XDIST tests/test_kernels.py tests/test_objective.py || status=1
   echo "== kernel benchmark"
-  timeout -k 5 115 "$PY" benchmarks/bench_kernels.py --budget-s 60 || status=1
+  timeout -k 5 105 "$PY" benchmarks/bench_kernels.py --budget-s 50 || status=1
   echo "== step benchmark (quick)"
   timeout -k 5 160 "$PY" benchmarks/bench_step.py --quick --steps 3 || status=1
   echo "== rollout benchmark"
-  timeout -k 5 75 "$PY" benchmarks/bench_rollout.py --repeats 3 --outputs latent images || status=1
+  timeout -k 5 95 "$PY" benchmarks/bench_rollout.py --repeats 3 --outputs latent images scored --prompts 2 || status=1
   echo "== gpu_check done, status $status"
   exit $status
 } 2>&1 | tee "$OUT/gpu_check.log"

@@ -1,12 +1,19 @@
 """The paper's comparison in miniature: gpo, gpo-pairs, dpo (and gpo with beta per member) on the toy world, same
-budget, 3 seeds each.
+budget, seeds 0-4 each.
 
 Each run is `gpo-fast train` with the default (toy) preset and one objective; rows are appended to
 benchmarks/results/toy.csv (machine, commit, objective, seed, accuracy before/after, gain, wall time)
 and a table of mean and spread per objective is printed (Markdown, for the README).
 
-    python benchmarks/toy_ablation.py                       # 4 settings x 3 seeds, ~1 h on 2 cores
+--task graded trains on the graded reward instead (reward.partial_credit: 1 - |count - n| / n, so rewards
+inside a group differ by small steps and many best-vs-worst pairs differ marginally, where the paper says
+GPO and DPO part); accuracy stays the strict count. Its rows go to benchmarks/results/toy_graded.csv.
+--summarize prints the table of the rows already in the CSV (this machine's), running nothing.
+
+    python benchmarks/toy_ablation.py                       # 4 settings x 5 seeds, ~80 min on 2 cores
     python benchmarks/toy_ablation.py --objectives gpo --seeds 0
+    python benchmarks/toy_ablation.py --task graded
+    python benchmarks/toy_ablation.py --task graded --summarize
 """
 
 from __future__ import annotations
@@ -39,6 +46,12 @@ SETTINGS = {
     "gpo-per-member": ['train.objective="gpo"', "train.beta_per_member=true"],  # beta / G
 }
 
+# a task: the reward the runs train on (accuracy is always the strict count), and where the results go
+TASKS = {
+    "strict": {"overrides": [], "csv": "toy.csv", "runs": "runs/toy-ablation"},
+    "graded": {"overrides": ["reward.partial_credit=true"], "csv": "toy_graded.csv", "runs": "runs/toy-graded"},
+}
+
 
 def machine() -> str:
     try:
@@ -58,16 +71,27 @@ def commit() -> str:
         return "unknown"
 
 
+def mean_interval(values: list[float]) -> str:
+    """The 95% interval of a mean over seeds (Student's t on the seeds' spread), as [lo, hi]."""
+    if len(values) < 2:
+        return "[-]"
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    m = statistics.mean(values)
+    return f"[{m - half:+.1f}, {m + half:+.1f}]"
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| objective | seeds | accuracy before | accuracy after | gain, points: mean (min, max) | wall s, mean |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| objective | seeds | accuracy before | accuracy after | gain, points: mean [95% CI of the mean] "
+             "(min, max) | wall s, mean |", "|---|---|---|---|---|---|"]
     for objective in dict.fromkeys(r["objective"] for r in rows):
         rs = [r for r in rows if r["objective"] == objective]
         gains = [100 * float(r["gain"]) for r in rs]
         lines.append(
             f"| {objective} | {len(rs)} | {statistics.mean(float(r['accuracy_before']) for r in rs):.3f} | "
             f"{statistics.mean(float(r['accuracy_after']) for r in rs):.3f} | "
-            f"{statistics.mean(gains):+.1f} ({min(gains):+.1f}, {max(gains):+.1f}) | "
+            f"{statistics.mean(gains):+.1f} {mean_interval(gains)} ({min(gains):+.1f}, {max(gains):+.1f}) | "
             f"{statistics.mean(float(r['wall_seconds']) for r in rs):.0f} |")
     return "\n".join(lines)
 
@@ -76,17 +100,34 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--objectives", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
                     help="settings to run (objective, or gpo-per-member: gpo with train.beta_per_member)")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--runs", type=Path, default=Path("runs/toy-ablation"), help="where the run folders go")
-    ap.add_argument("--csv", type=Path, default=RESULTS / "toy.csv")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    ap.add_argument("--task", choices=list(TASKS), default="strict",
+                    help="strict: the default 0/1 count reward; graded: partial credit by distance")
+    ap.add_argument("--runs", type=Path, help="where the run folders go (default runs/toy-ablation or runs/toy-graded)")
+    ap.add_argument("--csv", type=Path, help="default benchmarks/results/toy.csv, or toy_graded.csv for --task graded")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
+    ap.add_argument("--summarize", action="store_true", help="print the table of the CSV's rows on this machine")
     args = ap.parse_args(argv)
+    args.csv = args.csv or RESULTS / TASKS[args.task]["csv"]
+    args.runs = args.runs or Path(TASKS[args.task]["runs"])
     meta = dict(machine=machine(), threads=torch.get_num_threads(), commit=commit())
+    if args.summarize:
+        if not args.csv.exists():
+            print(f"{args.csv} does not exist yet: run the ablation first")
+            return 1
+        done = [r for r in csv.DictReader(args.csv.open()) if r["machine"] == meta["machine"]
+                and r["objective"] in args.objectives and int(r["seed"]) in args.seeds]
+        print(f"{meta['machine']}: {len(done)} rows of {args.csv.name}, commits "
+              f"{', '.join(dict.fromkeys(r['commit'] for r in done))}, threads "
+              f"{', '.join(dict.fromkeys(r['threads'] for r in done))}\n")
+        print(table(sorted(done, key=lambda r: args.objectives.index(r["objective"]))))
+        return 0
     rows = []
     for objective in args.objectives:
         for seed in args.seeds:
             out = args.runs / f"{objective}-seed{seed}"
-            cfg = load_config(overrides=[*SETTINGS[objective], f"seed={seed}", f'out="{out}"', *args.overrides])
+            cfg = load_config(overrides=[*SETTINGS[objective], *TASKS[args.task]["overrides"], f"seed={seed}",
+                                         f'out="{out}"', *args.overrides])
             s = train(cfg, log=lambda *a: None).summary
             row = dict(meta, objective=objective, seed=seed, accuracy_before=f"{s['accuracy_before']:.4f}",
                        accuracy_after=f"{s['accuracy_after']:.4f}", gain=f"{s['gain']:.4f}",

@@ -4,8 +4,8 @@ An evaluator is what the training loop (before, validation, after) and `gpo-fast
 
     metrics, images = evaluator(model, seed)
 
-metrics holds at least n_samples, accuracy and accuracy_stderr; images are the first `keep_images`
-samples, on the CPU, for grids; `evaluator.headline` names the extra metrics a run summary reports before
+metrics holds at least n_samples, accuracy and accuracy_stderr; images are Tiles: the first `keep_images`
+samples, on the CPU, with what each was asked and whether the reward counted it right, for grids; `evaluator.headline` names the extra metrics a run summary reports before
 and after. gpo_fast.components.build_evaluator builds one from the config: a PromptEvaluator (a reward
 over the eval prompts) here, or the toy world's ToyEvaluator (gpo_fast.toy.evaluate).
 """
@@ -28,10 +28,50 @@ from gpo_fast.sampling import sample
 from gpo_fast.watch import StatsAccumulator
 
 
+def ask_label(prompt: Prompt) -> str:
+    """What a prompt asks, in a few characters for a grid tile: '3', '3 cat', '"open"', or its first words."""
+    if prompt.task == "toy" and prompt.n is not None:
+        return str(prompt.n)
+    if prompt.task == "counting" and prompt.n is not None and prompt.cls:
+        return f"{prompt.n} {prompt.cls}"
+    if prompt.task == "text" and prompt.target:
+        return f'"{prompt.target}"'
+    return prompt.text if len(prompt.text) <= 14 else prompt.text[:13] + "~"
+
+
+@dataclass
+class Tiles:
+    """Images to show in a grid, with what each was asked and whether the reward counted it right (None:
+    not known); the same length all three."""
+
+    images: torch.Tensor  # (K, 3, H, W) in [-1, 1], on the CPU
+    labels: list[str]
+    correct: list[bool | None]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def head(self, k: int) -> "Tiles":
+        return Tiles(self.images[:k], self.labels[:k], self.correct[:k])
+
+    def state(self) -> dict:
+        """For a checkpoint (tensors and plain values only)."""
+        return {"images": self.images, "labels": list(self.labels),
+                "correct": [None if c is None else bool(c) for c in self.correct]}
+
+    @classmethod
+    def from_state(cls, state) -> "Tiles | None":
+        if state is None:
+            return None
+        if isinstance(state, torch.Tensor):  # a checkpoint from before tiles carried their labels
+            return cls(state, [""] * state.shape[0], [None] * state.shape[0])
+        return cls(state["images"], list(state["labels"]), list(state["correct"]))
+
+
 class Evaluator(Protocol):
     headline: dict[str, str]
 
-    def __call__(self, model: DiffusionModel, seed: int) -> tuple[dict, torch.Tensor]: ...
+    def __call__(self, model: DiffusionModel, seed: int) -> tuple[dict, Tiles]: ...
 
 
 def full_precision():
@@ -55,7 +95,7 @@ class PromptEvaluator:
     watch: Reward | None = None  # measured beside the reward, never trained on (eval.watch_reward)
     headline = {}
 
-    def __call__(self, model: DiffusionModel, seed: int) -> tuple[dict, torch.Tensor]:
+    def __call__(self, model: DiffusionModel, seed: int) -> tuple[dict, Tiles]:
         chosen = [self.prompts[i % len(self.prompts)] for i in range(self.samples)]
         gen = torch.Generator().manual_seed(seed)
         step = self.batch_size or self.samples
@@ -79,6 +119,7 @@ class PromptEvaluator:
             rewards.append(scored.reward.float().cpu())
             correct.append(scored.correct.cpu())
         rewards, correct = torch.cat(rewards), torch.cat(correct)
+        kept_n = sum(len(x) for x in images)
         acc = correct.float().mean().item()
         return {
             "n_samples": self.samples,
@@ -88,7 +129,7 @@ class PromptEvaluator:
             "failed": int(rewards.isnan().sum()),
             "image_stats": stats.summary(),
             **({"watch_reward_mean": torch.cat(watched).nanmean().item()} if watched else {}),
-        }, torch.cat(images)
+        }, Tiles(torch.cat(images), [ask_label(p) for p in chosen[:kept_n]], correct[:kept_n].tolist())
 
 
 def load_tuned(model, source: Path) -> str:

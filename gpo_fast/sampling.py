@@ -8,6 +8,9 @@ so a rollout is reproducible.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
 import torch
 
 from gpo_fast.models.base import DiffusionModel, PromptEmbeds
@@ -48,13 +51,57 @@ def _euler(model, prompts, x, steps, cfg_scale):
     return x
 
 
+@torch.no_grad()
 def rollout(
     model: DiffusionModel, prompts: list[str], group_size: int, *, steps: int, cfg_scale: float,
     generator: torch.Generator, batch_size: int = 0, noise: torch.Tensor | None = None,
-) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    score: Callable[[torch.Tensor, int], object] | None = None, overlap: bool = True,
+) -> tuple[list[str], torch.Tensor, torch.Tensor] | tuple[list[str], torch.Tensor, torch.Tensor, list]:
     """G samples per prompt, members of a group contiguous: (prompts per sample, latents, images).
-    batch_size: images per sampler forward (0: all at once)."""
+    batch_size: images per sampler forward (0: all at once); each batch is decoded as soon as it is drawn.
+
+    score(images, start): called on every decoded batch (float32, on the CPU; `start` its first sample's
+    index), under no_grad and without autocast; its results come back in batch order as a fourth element.
+    With overlap (and more than one batch) a worker thread scores each batch while the sampler draws the
+    next (on a GPU, on its own CUDA stream), so reward time hides behind sampling; the batches, and so the
+    results, are the same either way."""
     per_sample = [p for p in prompts for _ in range(group_size)]
-    latents = sample(model, per_sample, steps=steps, cfg_scale=cfg_scale, generator=generator,
-                     batch_size=batch_size or len(per_sample), noise=noise)
-    return per_sample, latents, model.decode(latents)
+    n = len(per_sample)
+    if noise is None:
+        noise = torch.randn((n, *model.latent_shape), generator=generator)
+    step = batch_size or n
+    pool = ThreadPoolExecutor(1, thread_name_prefix="gpo-fast-score") if score and overlap and step < n else None
+    latents, images, scored = [], [], []
+    try:
+        for i in range(0, n, step):
+            x = _euler(model, per_sample[i:i + step], noise[i:i + step].to(model.device), steps, cfg_scale)
+            img = model.decode(x)
+            latents.append(x)
+            images.append(img)
+            if score is not None:
+                batch = img.float().cpu()
+                scored.append(pool.submit(_score_in_worker, score, batch, i) if pool else _score_here(score, batch, i))
+        scored = [s.result() for s in scored] if pool else scored
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    out = per_sample, torch.cat(latents), torch.cat(images)
+    return (*out, scored) if score is not None else out
+
+
+def _score_here(score, images, start):
+    """The score in this thread: autocast off (reward engines break on bf16 outputs of an enclosing one)."""
+    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+        return score(images, start)
+
+
+def _score_in_worker(score, images, start):
+    """The score in the worker thread (no autocast there: it is per thread), on a side CUDA stream."""
+    with torch.no_grad():
+        if torch.cuda.is_available():
+            side = torch.cuda.Stream()
+            with torch.cuda.stream(side):
+                result = score(images, start)
+            side.synchronize()  # whatever the reward left queued on its stream is done before the result is used
+            return result
+        return score(images, start)

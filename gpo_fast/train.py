@@ -35,8 +35,9 @@ from gpo_fast.components import Task, autocast_for, build_evaluator, build_model
 from gpo_fast.config import VALIDATION_SEED_OFFSET, Config, dump_config, resume_conflicts
 from gpo_fast.distributed import Dist
 from gpo_fast.errors import InputError, UserError
-from gpo_fast.evaluate import Evaluator
+from gpo_fast.evaluate import Evaluator, Tiles
 from gpo_fast.prompts import write_jsonl
+from gpo_fast.rewards.base import RewardResult
 from gpo_fast.report import gain_interval, save_before_after, save_grid, save_reward_curve, write_atomic, write_json
 from gpo_fast.sampling import rollout
 from gpo_fast.update import degenerate_fraction, gpo_update, loss_spec, make_optimizer, make_schedule
@@ -67,7 +68,8 @@ class LoopState:
     bad_updates_in_a_row: int = 0
     degenerate_streak: int = 0
     before: dict | None = None  # the base model's held-out metrics
-    before_images: torch.Tensor | None = None
+    before_tiles: Tiles | None = None  # the first held-out samples of the base model, for before_after.png
+    val_start: float | None = None  # the base model's validation accuracy (rollout 0 of reward_curve.png)
     best: dict | None = None  # {"rollout", "accuracy" (validation), "state" (the trained weights)}
     history: list[dict] = field(default_factory=list)  # the metrics rows so far
     watch: DriftWatch | None = None  # the reward-hacking watch, from the base model's validation
@@ -120,7 +122,8 @@ class Run:
             "rollout": st.rollout, "updates": st.updates,
             "trainable": {k: v for k, v in self.model.named_parameters() if v.requires_grad},
             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": rng_state(st.generator),
-            "before": st.before, "before_images": st.before_images, "best": st.best,
+            "before": st.before, "best": st.best, "val_start": st.val_start,
+            "before_tiles": None if st.before_tiles is None else st.before_tiles.state(),
             "config": self.config.model_dump(mode="json"),
             "watch": None if st.watch is None else {"base": st.watch.base, "warning": st.watch.warning,
                                                     "max_drift": st.watch.max_drift},
@@ -136,7 +139,8 @@ class Run:
         st = self.state
         set_rng_state(ck["rng"], st.generator)
         st.rollout, st.updates = ck["rollout"], ck["updates"]
-        st.before, st.before_images, st.best = ck["before"], ck["before_images"], ck["best"]
+        st.before, st.best, st.val_start = ck["before"], ck["best"], ck.get("val_start")
+        st.before_tiles = Tiles.from_state(ck.get("before_tiles", ck.get("before_images")))
         counters = ck.get("counters", {})
         st.skipped_updates = counters.get("skipped_updates", 0)
         st.bad_updates_in_a_row = counters.get("bad_updates_in_a_row", 0)
@@ -215,13 +219,14 @@ def begin(run: Run, resume: Path | None) -> None:
         return
     st, ev = run.state, run.config.eval
     if resume is None:
-        st.before, images = run.evaluator(run.model, ev.seed)
-        st.before_images = images[:50]  # all a grid shows
+        st.before, tiles = run.evaluator(run.model, ev.seed)
+        st.before_tiles = tiles.head(50)  # all a grid shows
         run.log(f"before: accuracy {st.before['accuracy']:.3f} +- {st.before['accuracy_stderr']:.3f} on "
                 f"{ev.samples} held-out samples")
     if ev.every and st.best is None:  # a fresh run, or validation switched on at the resume: start from here
         metrics, _ = run.validate()
         st.best = _snapshot(run.model, st.rollout, metrics["accuracy"])
+        st.val_start = metrics["accuracy"] if st.rollout == 0 else st.val_start
         st.watch = DriftWatch(metrics["image_stats"], ev.watch_multiple)
     from torch.utils.tensorboard import SummaryWriter
 
@@ -240,10 +245,17 @@ def sample_and_score(run: Run) -> Batch:
     noise = noise[mine.start * ro.group_size:mine.stop * ro.group_size]
     per_sample = [p for p in prompts for _ in range(ro.group_size)]
     run.model.eval()
+    reward = run.task.reward
+
+    def score(images, start):  # one finished batch, in a worker thread while the next is drawn (overlap_scoring)
+        return reward.measure(images, per_sample[start:start + len(images)])
+
     with run.precision():
-        _, x0, images = rollout(run.model, [p.text for p in prompts], ro.group_size, steps=ro.steps,
-                                cfg_scale=ro.cfg_scale, generator=gen, batch_size=ro.batch_size, noise=noise)
-    scored = run.task.reward.measure(images.float().cpu(), per_sample)
+        _, x0, _, parts = rollout(run.model, [p.text for p in prompts], ro.group_size, steps=ro.steps,
+                                  cfg_scale=ro.cfg_scale, generator=gen, batch_size=ro.batch_size, noise=noise,
+                                  score=score, overlap=ro.overlap_scoring)
+    scored = RewardResult(torch.cat([s.reward.float() for s in parts]), torch.cat([s.correct for s in parts]),
+                          [d for s in parts for d in s.details])
     failed = int(run.dist.sum((~torch.isfinite(scored.reward)).sum()))
     # a NaN reward (the engine failed on that image) excludes its member from its group in the loss
     x0 = x0.float()
@@ -304,12 +316,13 @@ def record(run: Run, batch: Batch, stats: list[dict], grad_norm: float, seconds:
         return row
     ev = run.config.eval
     if ev.every and st.rollout % ev.every == 0:
-        metrics, val_images = run.validate()
+        metrics, val_tiles = run.validate()
         row["val_accuracy"] = metrics["accuracy"]
         if "watch_reward_mean" in metrics:
             row["val_watch_reward"] = metrics["watch_reward_mean"]
         _watch(run, row, metrics)
-        save_grid(val_images[:50], run.out / "samples" / f"rollout-{st.rollout:05d}.png")
+        save_grid(val_tiles.head(50), run.out / "samples" / f"rollout-{st.rollout:05d}.png",
+                  f"rollout {st.rollout}: validation accuracy {100 * metrics['accuracy']:.1f}%")
         if row["val_accuracy"] > st.best["accuracy"]:
             st.best = _snapshot(run.model, st.rollout, row["val_accuracy"])
     run.metrics_file.write(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v
@@ -362,7 +375,7 @@ def finish(run: Run, start: float) -> RunResult:
         run.model.save_adapter(run.out / "adapter")
     else:
         run.model.save_pretrained(run.out / "model")
-    after, after_images = run.evaluator(run.model, config.eval.seed)
+    after, after_tiles = run.evaluator(run.model, config.eval.seed)
     summary = {
         "accuracy_before": st.before["accuracy"], "accuracy_after": after["accuracy"],
         **gain_interval(st.before, after),
@@ -379,8 +392,9 @@ def finish(run: Run, start: float) -> RunResult:
         summary.update({f"{name}_before": st.before[key], f"{name}_after": after[key]})
     write_json(run.out / "summary.json", summary)
     run.writer.close()
-    save_before_after(st.before_images, after_images, run.out / "before_after.png")
-    save_reward_curve(st.history, run.out / "reward_curve.png")
+    save_before_after(st.before_tiles, after_tiles, run.out / "before_after.png", st.before, after)
+    save_reward_curve(st.history, run.out / "reward_curve.png", val_start=st.val_start, before=st.before["accuracy"],
+                      after=after["accuracy"], kept_rollout=st.best["rollout"])
     write_model_card(run.out / ("adapter" if config.lora.enabled else "model"), config, summary,
                      run.out / "before_after.png")
     run.dist.barrier()

@@ -1,7 +1,8 @@
 """A trained run, used: measured beside its base model (`gpo-fast eval`) and drawn from (`gpo-fast sample`).
 
 run_eval: the base model and a run's adapter (or fine-tuned model) on the same held-out prompts and seeds,
-so the difference is the training's; writes report.json, grid.png (base row, tuned row) and accuracy.png.
+so the difference is the training's; writes report.json, grid.png (base and tuned side by side, the
+same prompts and seeds, each tile labelled and marked right or wrong) and accuracy.png.
 draw_to_files: images of the base model or of a run, one PNG each."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from gpo_fast.components import build_evaluator, build_model, build_task, resolve_device
 from gpo_fast.evaluate import load_tuned
-from gpo_fast.report import describe_gain, gain_interval, save_accuracy_bars, save_grid, write_json
+from gpo_fast.report import describe_gain, gain_interval, save_accuracy_bars, save_panels, write_json
 
 
 def run_eval(config, adapter: Path | None, out: Path, log=print) -> dict:
@@ -28,17 +29,17 @@ def run_eval(config, adapter: Path | None, out: Path, log=print) -> dict:
     base, base_images = evaluator(model, ev.seed)
     report["base"] = base
     log(f"base: accuracy {base['accuracy']:.3f} +- {base['accuracy_stderr']:.3f} on {ev.samples} samples")
-    rows, labels = [base_images[:10]], ["base"]
+    panels, labels = [(f"base: accuracy {100 * base['accuracy']:.1f}%", base_images.head(50))], ["base"]
     if adapter is not None:
         report["loaded"] = load_tuned(model, adapter)
         tuned, tuned_images = evaluator(model, ev.seed)
         report["tuned"] = tuned
         report.update(gain_interval(base, tuned))
         log(f"tuned: accuracy {tuned['accuracy']:.3f} +- {tuned['accuracy_stderr']:.3f}; {describe_gain(report)}")
-        rows.append(tuned_images[:10])
+        panels.append((f"tuned: accuracy {100 * tuned['accuracy']:.1f}%", tuned_images.head(50)))
         labels.append("tuned")
     write_json(out / "report.json", report)
-    save_grid(torch.cat(rows), out / "grid.png")
+    save_panels(panels, out / "grid.png")
     save_accuracy_bars(report, labels, out / "accuracy.png")
     return report
 

@@ -1,5 +1,6 @@
 """The kernel benchmark's CPU behaviour and its summary arithmetic (the timings themselves need a GPU)."""
 
+import csv
 import importlib.util
 import subprocess
 import sys
@@ -83,3 +84,26 @@ def test_the_compiled_baseline_allows_the_backward_only_mode():
     eager = bench.make_providers("gpo")["eager"](pred, ref, target, rewards)
     torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
     assert pred.grad is not None and torch.isfinite(pred.grad).all()
+
+
+def test_the_toy_ablation_summarizes_its_csv_by_objective_with_the_interval_of_the_mean(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("toy_ablation", ROOT / "benchmarks" / "toy_ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    rows = [dict(machine=ablation.machine(), threads="1", commit="abc1234", objective=o, seed=str(s),
+                 accuracy_before="0.2730", accuracy_after=f"{0.273 + g:.4f}", gain=f"{g:.4f}", gain_ci95_low="0",
+                 gain_ci95_high="0", blank_before="0.1", blank_after="0.1", best_rollout="20", rollouts="60",
+                 wall_seconds="200")
+            for o, gains in (("dpo", [0.10, 0.12, 0.14]), ("gpo", [0.20, 0.20, 0.26])) for s, g in enumerate(gains)]
+    path = tmp_path / "t.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=ablation.FIELDS)
+        w.writeheader()
+        w.writerows(rows + [dict(rows[0], machine="elsewhere", gain="0.9")])  # another machine: left out
+    assert ablation.main(["--csv", str(path), "--summarize", "--objectives", "gpo", "dpo"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| gpo") or line.startswith("| dpo")]
+    assert lines[0].startswith("| gpo | 3 |") and lines[1].startswith("| dpo | 3 |")  # in the order asked
+    # gpo: mean +22.0, sd 3.46, t(0.975, 2) = 4.303: half-width 8.6
+    assert "+22.0 [+13.4, +30.6] (+20.0, +26.0)" in lines[0] and "+12.0 [+7.0, +17.0] (+10.0, +14.0)" in lines[1]
+    assert ablation.mean_interval([1.0]) == "[-]"

@@ -2,6 +2,7 @@
 step trains the same trajectory as the eager step (same optimizer in --tiny), so the losses agree."""
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,12 +42,16 @@ def test_bench_step_without_a_gpu_says_so_and_exits_0(tmp_path):
 
 def test_bench_rollout_tiny_matches_the_pipeline(tmp_path):
     out = tmp_path / "rollout.csv"
+    env = {**os.environ, "YOLO_CONFIG_DIR": str(tmp_path / "ultralytics")}  # the detector from its yaml, offline
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_rollout.py"), "--tiny", "--steps", "2",
-                          "--repeats", "1", "--group-size", "2", "--csv", str(out)], capture_output=True, text=True)
+                          "--repeats", "1", "--group-size", "2", "--prompts", "2", "--csv", str(out)],
+                         capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = list(csv.DictReader(out.open()))
     assert [(r["output"], r["impl"]) for r in rows] == [("latent", "pipeline"), ("latent", "ours"),
-                                                        ("images", "pipeline"), ("images", "ours")]
+                                                        ("images", "pipeline"), ("images", "ours"),
+                                                        ("scored", "ours-serial"), ("scored", "ours-overlap")]
+    assert float(rows[4]["max_abs_diff"]) == 0.0  # overlapping the scoring changes no reward
     assert all(float(r["images_per_s"]) > 0 and r["group_size"] == "2" and r["steps"] == "2" for r in rows)
     # the same components, noise, steps and guidance: the trainer's sampler draws the pipeline's latents, and
     # its decoded rollout images are the pipeline's "pt" images

@@ -25,11 +25,13 @@ def test_the_prompt_evaluator_with_the_dot_counter_is_the_toy_evaluator():
     toy_metrics, toy_images = ToyEvaluator(samples=60, steps=4, cfg_scale=2.0, keep_images=12)(model, seed=3)
     evaluator = PromptEvaluator(DotCountReward(), TOY_PROMPTS, samples=60, steps=4, cfg_scale=2.0, batch_size=0,
                                 keep_images=12)
-    metrics, images = evaluator(model, seed=3)
+    metrics, tiles = evaluator(model, seed=3)
     assert 0 < metrics["accuracy"] < 1 and metrics["accuracy"] == toy_metrics["accuracy"]
     acc = metrics["accuracy"]
     assert metrics["accuracy_stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / 60))
-    assert images.shape == (12, 1, 16, 16) and torch.equal(images, toy_images)
+    assert tiles.images.shape == (12, 1, 16, 16) and torch.equal(tiles.images, toy_images.images)
+    assert tiles.labels == toy_images.labels == [str(p.n) for p in (TOY_PROMPTS * 3)[:12]]
+    assert tiles.correct == toy_images.correct  # the reward's verdict per tile is the strict counter's
     assert metrics["failed"] == 0
     assert ToyEvaluator.headline and PromptEvaluator.headline == {}
 
@@ -41,9 +43,9 @@ def test_batches_keep_the_first_images_and_count_failed_rewards():
             return RewardResult(reward, torch.isfinite(reward), [{} for _ in prompts])
 
     model = ToyModel.from_pretrained()
-    metrics, images = PromptEvaluator(HalfFails(), TOY_PROMPTS, samples=20, steps=2, cfg_scale=2.0, batch_size=6,
+    metrics, tiles = PromptEvaluator(HalfFails(), TOY_PROMPTS, samples=20, steps=2, cfg_scale=2.0, batch_size=6,
                                       keep_images=7)(model, seed=0)
-    assert images.shape[0] == 7
+    assert len(tiles) == 7 and tiles.correct == [i % 2 == 0 for i in range(7)]
     assert metrics["failed"] == 10 and metrics["reward_mean"] == 1.0  # 20 = 6 + 6 + 6 + 2: 3 + 3 + 3 + 1 fail
     assert metrics["accuracy"] == 0.5
 

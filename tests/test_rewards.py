@@ -128,6 +128,33 @@ def test_yolo_from_yaml_runs_offline(offline):
         reward.measure(images[:1], [counting("unicorn", 1)])
 
 
+def test_scoring_overlapped_with_sampling_on_the_tiny_sd3_gives_the_serial_rewards(offline, tmp_path):
+    """A real engine (YOLO from its yaml) scoring a tiny SD3's rollout batch by batch, in a worker thread
+    while the next batch is drawn, and in line: the same latents, images, rewards and details."""
+    from gpo_fast.models.sd3 import SD3Model
+    from gpo_fast.models.testing import IMAGE_SIZE, build_tiny_sd3
+    from gpo_fast.sampling import rollout
+
+    model = SD3Model.from_pretrained(str(build_tiny_sd3(tmp_path / "sd3")), resolution=IMAGE_SIZE, t5="off")
+    reward = YoloCountReward("yolo11n.yaml", conf=0.01)
+    prompts = [counting("cat", 2, "a photo of two cats"), counting("dog", 1, "a photo of one dog")]
+    per_sample = [p for p in prompts for _ in range(3)]
+
+    def run(overlap):
+        return rollout(model, [p.text for p in prompts], 3, steps=2, cfg_scale=3.0,
+                       generator=torch.Generator().manual_seed(0), batch_size=2, overlap=overlap,
+                       score=lambda images, start: reward.measure(images, per_sample[start:start + len(images)]))
+
+    serial, overlapped = run(False), run(True)
+    assert len(serial[3]) == 3  # 6 images in batches of 2
+    assert torch.equal(serial[1], overlapped[1]) and torch.equal(serial[2], overlapped[2])
+    for a, b in zip(serial[3], overlapped[3]):
+        assert torch.equal(a.reward, b.reward) and torch.equal(a.correct, b.correct) and a.details == b.details
+    rewards = torch.cat([r.reward for r in serial[3]])
+    assert rewards.shape == (6,) and torch.isfinite(rewards).all()
+    assert [d["n"] for r in serial[3] for d in r.details] == [2, 2, 2, 1, 1, 1]  # each batch its own prompts
+
+
 def test_missing_weights_file_fails_fast(offline, tmp_path):
     missing = tmp_path / "weights" / "yolo11n.pt"
     t = time.perf_counter()

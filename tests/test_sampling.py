@@ -1,6 +1,8 @@
 """Sampling (gpo_fast.sampling): the Euler ODE with guidance, seeded; group rollouts; batching and given
 noise change nothing."""
 
+import threading
+
 import pytest
 import torch
 
@@ -51,3 +53,95 @@ def test_one_euler_step_without_guidance_is_x_minus_v():
 def test_zero_steps_are_refused():
     with pytest.raises(ValueError, match="steps"):
         sample(ToyModel(), ["one dot"], steps=0, cfg_scale=1.0, generator=torch.Generator())
+
+
+# ------------------------------------------------------------------------------ scoring overlapped with sampling
+
+
+def _toy_rollout(score, overlap, batch_size=4):
+    torch.manual_seed(0)
+    model = ToyModel()
+    return rollout(model, ["one dot", "two dots", "three dots"], 4, steps=2, cfg_scale=2.0,
+                   generator=torch.Generator().manual_seed(0), batch_size=batch_size, score=score, overlap=overlap)
+
+
+def test_overlapped_scoring_gives_the_serial_results_in_order():
+    from gpo_fast.language import Prompt
+    from gpo_fast.toy.data import count_in_prompt
+    from gpo_fast.toy.reward import DotCountReward
+
+    reward = DotCountReward(partial_credit=True)
+    seen = []
+
+    def score(images, start):
+        texts = ([t for t in ["one dot", "two dots", "three dots"] for _ in range(4)])[start:start + len(images)]
+        seen.append((start, len(images), threading.current_thread().name))
+        return reward.measure(images, [Prompt(text=t, task="toy", n=count_in_prompt(t)) for t in texts])
+
+    serial = _toy_rollout(score, overlap=False)
+    assert [s[:2] for s in seen] == [(0, 4), (4, 4), (8, 4)]
+    assert all(not name.startswith("gpo-fast-score") for *_, name in seen)  # scored in the caller's thread
+    seen.clear()
+    overlapped = _toy_rollout(score, overlap=True)
+    assert [s[:2] for s in seen] == [(0, 4), (4, 4), (8, 4)]
+    assert all(name.startswith("gpo-fast-score") for *_, name in seen)
+    assert torch.equal(serial[1], overlapped[1]) and torch.equal(serial[2], overlapped[2])
+    for a, b in zip(serial[3], overlapped[3]):
+        assert torch.equal(a.reward, b.reward) and torch.equal(a.correct, b.correct) and a.details == b.details
+    whole = torch.cat([r.reward for r in serial[3]])
+    expected = reward.measure(serial[2], [Prompt(text=t, task="toy", n=count_in_prompt(t))
+                                          for t in ["one dot", "two dots", "three dots"] for _ in range(4)])
+    assert torch.equal(whole, expected.reward)  # the batches' scores are the whole rollout's
+
+
+def test_the_first_batch_is_scored_while_the_sampler_draws_the_next():
+    """Scoring batch 0 waits until the sampler has started batch 1: with the overlap it is drawn meanwhile;
+    scored in line, the wait times out."""
+    drawing = threading.Event()
+    model = ToyModel()
+    predict = model.predict
+    calls = []
+
+    def watched_predict(x, s, embeds):
+        calls.append(x.shape[0])
+        if len(calls) > 2:  # 2 steps per batch (one guided forward each): the 3rd call draws batch 1
+            drawing.set()
+        return predict(x, s, embeds)
+
+    model.predict = watched_predict
+
+    def run(overlap):
+        drawing.clear()
+        calls.clear()
+        waited = []
+
+        def score(images, start):
+            if start == 0:
+                waited.append(drawing.wait(timeout=0.5 if not overlap else 30))
+            return images.mean()
+
+        rollout(model, ["one dot", "two dots", "three dots"], 4, steps=2, cfg_scale=2.0,
+                generator=torch.Generator().manual_seed(0), batch_size=4, score=score, overlap=overlap)
+        return waited
+
+    assert run(overlap=True) == [True]
+    assert run(overlap=False) == [False]
+
+
+def test_an_error_in_the_scorer_reaches_the_caller_and_the_worker_stops():
+    def score(images, start):
+        if start == 4:
+            raise RuntimeError("engine broke")
+        return start
+
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(RuntimeError, match="engine broke"):
+        _toy_rollout(score, overlap=True)
+    assert not [t for t in threading.enumerate() if t.name.startswith("gpo-fast-score") and t.name not in before]
+
+
+def test_without_a_scorer_the_rollout_is_three_things_and_one_batch_is_not_threaded():
+    assert len(_toy_rollout(None, overlap=True)) == 3
+    names = []
+    _toy_rollout(lambda images, start: names.append(threading.current_thread().name), overlap=True, batch_size=0)
+    assert len(names) == 1 and not names[0].startswith("gpo-fast-score")

@@ -47,3 +47,23 @@ def test_full_fine_tuning_with_checkpointing_trains_against_a_frozen_copy(tmp_pa
     base, tuned = ToyModel.from_pretrained(), ToyModel.from_pretrained(tmp_path / "run" / "model")
     moved = [k for k, v in base.state_dict().items() if not torch.equal(v, tuned.state_dict()[k])]
     assert moved and all(k.startswith("transformer.") for k in moved)  # the prompt table stays frozen
+
+
+def test_a_run_with_scoring_overlapped_is_the_run_without(tmp_path):
+    """rollout.overlap_scoring changes when the rewards are computed, not what they are: the same metrics row
+    for row (timings aside) and the same adapter."""
+    def run(overlap):
+        cfg = load_config(overrides=[
+            f"out=\"{tmp_path / str(overlap)}\"", "train.rollouts=2", "train.inner_updates=1", "rollout.prompts=3",
+            "rollout.group_size=4", "rollout.steps=2", "rollout.batch_size=4", f"rollout.overlap_scoring={str(overlap).lower()}",
+            "reward.partial_credit=true", "eval.samples=20", "eval.steps=2", "eval.every=0"])
+        return train(cfg, log=lambda *a: None)
+
+    on, off = run(True), run(False)
+    def same(row):  # NaN (no pair in a rollout) compares equal through JSON
+        return json.dumps({k: v for k, v in row.items() if k != "step_seconds"}, sort_keys=True)
+
+    assert len(on.history) == 2 and [same(r) for r in on.history] == [same(r) for r in off.history]
+    assert [r["loss"] for r in on.history] and on.summary["accuracy_after"] == off.summary["accuracy_after"]
+    for (name, p), (_, q) in zip(on.model.named_parameters(), off.model.named_parameters()):
+        assert torch.equal(p, q), name

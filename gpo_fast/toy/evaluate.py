@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from gpo_fast.evaluate import Tiles
 from gpo_fast.language import Prompt
 from gpo_fast.models.base import DiffusionModel
 from gpo_fast.sampling import sample
@@ -52,7 +53,8 @@ def evaluate_toy(
 
 @dataclass
 class ToyEvaluator:
-    """evaluator(model, seed) -> (metrics, the first `keep_images` images), as gpo_fast.evaluate describes."""
+    """evaluator(model, seed) -> (metrics, Tiles of the first `keep_images` samples), as gpo_fast.evaluate
+    describes; a tile is labelled with its count and marked right by the strict counter."""
 
     samples: int
     steps: int
@@ -63,7 +65,7 @@ class ToyEvaluator:
     # beside accuracy, the run summary reports these before and after (metric -> summary name)
     headline = {"accuracy_lenient": "accuracy_lenient", "blank_fraction": "blank"}
 
-    def __call__(self, model: DiffusionModel, seed: int) -> tuple[dict, torch.Tensor]:
+    def __call__(self, model: DiffusionModel, seed: int) -> tuple[dict, Tiles]:
         model.eval()
         with torch.no_grad(), self.precision():
             metrics, images = evaluate_toy(model, n_samples=self.samples, steps=self.steps, cfg_scale=self.cfg_scale,
@@ -75,4 +77,7 @@ class ToyEvaluator:
         if self.watch is not None:
             prompts = [Prompt(text=t, task="toy", n=count_in_prompt(t)) for t in toy_eval_prompts(self.samples)]
             metrics["watch_reward_mean"] = self.watch.measure(images, prompts).reward.float().nanmean().item()
-        return metrics, images[:self.keep_images]
+        kept = images[:self.keep_images]
+        wanted = [count_in_prompt(t) for t in toy_eval_prompts(len(kept))]
+        right = (count_dots(kept) == torch.tensor(wanted, dtype=torch.long)).tolist()  # the strict counter
+        return metrics, Tiles(kept, [str(n) for n in wanted], right)
