@@ -240,7 +240,7 @@ def scored_rollouts(model, args, g: int, cuda: bool) -> list[dict]:
     noise = torch.randn((len(per_sample), *model.latent_shape), generator=torch.Generator().manual_seed(1))
 
     def run(overlap):
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):  # rollout runs under no_grad itself
             parts = rollout(model, [p.text for p in prompts], g, steps=args.steps, cfg_scale=args.cfg,
                             generator=torch.Generator(), batch_size=g, noise=noise, overlap=overlap,
                             score=lambda images, start: reward.measure(images, per_sample[start:start + len(images)]))[3]

@@ -97,9 +97,7 @@ def render_panels(panels: list[tuple[str, object]], ncol: int = 10):
 
 def save_grid(tiles, path: Path, title: str = "") -> None:
     """Tiles (gpo_fast.evaluate.Tiles) as a labelled 10-wide grid."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    render_panels([(title, tiles)])[0].save(path)
+    save_panels([(title, tiles)], path, ncol=10)
 
 
 def save_panels(panels: list[tuple[str, object]], path: Path, ncol: int = 5) -> None:
