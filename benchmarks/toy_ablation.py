@@ -10,10 +10,15 @@ inside a group differ by small steps and many best-vs-worst pairs differ margina
 GPO and DPO part); accuracy stays the strict count. Its rows go to benchmarks/results/toy_graded.csv.
 --summarize prints the table of the rows already in the CSV (this machine's), running nothing.
 
+--change tunes: each run adds the --set overrides to the setting, and its row goes to
+benchmarks/results/toy_tuning.csv with the change named in its first column (kept or not, every tried
+setting is recorded); --summarize --change "..." prints that change's table.
+
     python benchmarks/toy_ablation.py                       # 4 settings x 5 seeds, ~80 min on 2 cores
     python benchmarks/toy_ablation.py --objectives gpo --seeds 0
     python benchmarks/toy_ablation.py --task graded
     python benchmarks/toy_ablation.py --task graded --summarize
+    python benchmarks/toy_ablation.py --objectives gpo-per-member --change cosine --set train.lr_schedule=cosine
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from gpo_fast.config import load_config
 from gpo_fast.train import train
 
 RESULTS = Path(__file__).resolve().parent / "results"
+TUNING_CSV = RESULTS / "toy_tuning.csv"
 FIELDS = ["machine", "threads", "commit", "objective", "seed", "accuracy_before", "accuracy_after", "gain",
           "gain_ci95_low", "gain_ci95_high", "blank_before", "blank_after", "best_rollout", "rollouts",
           "wall_seconds"]
@@ -107,16 +113,21 @@ def main(argv=None) -> int:
     ap.add_argument("--csv", type=Path, help="default benchmarks/results/toy.csv, or toy_graded.csv for --task graded")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
     ap.add_argument("--summarize", action="store_true", help="print the table of the CSV's rows on this machine")
+    ap.add_argument("--change", help="a tuning run: name the change the --set overrides make; rows go to "
+                                     "benchmarks/results/toy_tuning.csv, runs to runs/toy-tuning/CHANGE")
     args = ap.parse_args(argv)
-    args.csv = args.csv or RESULTS / TASKS[args.task]["csv"]
-    args.runs = args.runs or Path(TASKS[args.task]["runs"])
+    tag = "".join(c if c.isalnum() or c in "-_." else "-" for c in args.change or "")
+    args.csv = args.csv or (TUNING_CSV if args.change else RESULTS / TASKS[args.task]["csv"])
+    args.runs = args.runs or (Path("runs/toy-tuning") / tag if args.change else Path(TASKS[args.task]["runs"]))
+    fields = ["change", *FIELDS] if args.change else FIELDS
     meta = dict(machine=machine(), threads=torch.get_num_threads(), commit=commit())
     if args.summarize:
         if not args.csv.exists():
             print(f"{args.csv} does not exist yet: run the ablation first")
             return 1
         done = [r for r in csv.DictReader(args.csv.open()) if r["machine"] == meta["machine"]
-                and r["objective"] in args.objectives and int(r["seed"]) in args.seeds]
+                and r["objective"] in args.objectives and int(r["seed"]) in args.seeds
+                and (args.change is None or r.get("change") == args.change)]
         print(f"{meta['machine']}: {len(done)} rows of {args.csv.name}, commits "
               f"{', '.join(dict.fromkeys(r['commit'] for r in done))}, threads "
               f"{', '.join(dict.fromkeys(r['threads'] for r in done))}\n")
@@ -129,7 +140,7 @@ def main(argv=None) -> int:
             cfg = load_config(overrides=[*SETTINGS[objective], *TASKS[args.task]["overrides"], f"seed={seed}",
                                          f'out="{out}"', *args.overrides])
             s = train(cfg, log=lambda *a: None).summary
-            row = dict(meta, objective=objective, seed=seed, accuracy_before=f"{s['accuracy_before']:.4f}",
+            row = dict({"change": args.change} if args.change else {}, **meta, objective=objective, seed=seed, accuracy_before=f"{s['accuracy_before']:.4f}",
                        accuracy_after=f"{s['accuracy_after']:.4f}", gain=f"{s['gain']:.4f}",
                        gain_ci95_low=f"{s['gain_ci95'][0]:.4f}", gain_ci95_high=f"{s['gain_ci95'][1]:.4f}",
                        blank_before=f"{s['blank_before']:.4f}", blank_after=f"{s['blank_after']:.4f}",
@@ -140,7 +151,7 @@ def main(argv=None) -> int:
             args.csv.parent.mkdir(parents=True, exist_ok=True)
             new = not args.csv.exists()
             with args.csv.open("a", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=FIELDS)
+                w = csv.DictWriter(fh, fieldnames=fields)
                 if new:
                     w.writeheader()
                 w.writerow(row)

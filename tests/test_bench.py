@@ -107,3 +107,24 @@ def test_the_toy_ablation_summarizes_its_csv_by_objective_with_the_interval_of_t
     # gpo: mean +22.0, sd 3.46, t(0.975, 2) = 4.303: half-width 8.6
     assert "+22.0 [+13.4, +30.6] (+20.0, +26.0)" in lines[0] and "+12.0 [+7.0, +17.0] (+10.0, +14.0)" in lines[1]
     assert ablation.mean_interval([1.0]) == "[-]"
+
+
+def test_the_toy_ablation_summarizes_one_tuning_change_from_its_csv(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("toy_ablation", ROOT / "benchmarks" / "toy_ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    base = dict(machine=ablation.machine(), threads="1", commit="abc1234", objective="gpo-per-member",
+                accuracy_before="0.2730", gain_ci95_low="0", gain_ci95_high="0", blank_before="0.1",
+                blank_after="0.1", best_rollout="20", rollouts="60", wall_seconds="200")
+    rows = [dict(base, change=c, seed=str(s), accuracy_after=f"{0.273 + g:.4f}", gain=f"{g:.4f}")
+            for c, gains in (("train.lr=1e-3", [0.10, 0.20]), ("rollout.steps=12", [0.30, 0.30]))
+            for s, g in enumerate(gains)]
+    path = tmp_path / "tuning.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["change", *ablation.FIELDS])
+        w.writeheader()
+        w.writerows(rows)
+    assert ablation.main(["--csv", str(path), "--summarize", "--change", "train.lr=1e-3",
+                          "--objectives", "gpo-per-member"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| gpo-per-member"))
+    assert line.startswith("| gpo-per-member | 2 |") and "+15.0" in line  # only that change's two rows
