@@ -99,6 +99,20 @@ def test_shipped_base_model_matches_its_manifest_and_draws_clean_dots():
     assert abs(metrics["accuracy"] - meta["eval"]["accuracy"]) < 0.15
     assert 0.2 < metrics["accuracy"] < 0.7
     assert metrics["accuracy_lenient"] - metrics["accuracy"] < 0.1  # few specks to filter
+    for n, row in metrics["counts_per_n"].items():  # what is drawn per count asked: its diagonal is accuracy
+        assert len(row) == 7 and abs(sum(row) - 1) < 1e-6
+        assert row[n] == pytest.approx(metrics["accuracy_per_n"][n])
+    # 40 samples per count: the blank column's mean is the blank fraction
+    assert sum(r[0] for r in metrics["counts_per_n"].values()) / 5 == pytest.approx(metrics["blank_fraction"])
+
+
+def test_counts_per_n_is_the_confusion_of_asked_and_drawn_counts_with_an_overflow_bucket():
+    from gpo_fast.toy.evaluate import counts_per_n
+
+    table = counts_per_n(torch.tensor([0, 1, 1, 2, 3, 9, 5, 5]), torch.tensor([1, 1, 1, 2, 2, 2, 5, 5]))
+    assert table[1] == pytest.approx([1 / 3, 2 / 3, 0, 0, 0, 0, 0])
+    assert table[2] == pytest.approx([0, 0, 1 / 3, 1 / 3, 0, 0, 1 / 3])  # 9 components: the 6+ bucket
+    assert table[5][5] == 1.0 and table[3] == [0.0] * 7  # a count never asked: an empty row
 
 
 def test_adapter_saved_in_diffusers_format_loads_back_to_the_same_policy(tmp_path):

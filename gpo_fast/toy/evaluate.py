@@ -1,7 +1,8 @@
 """The toy world's held-out evaluation: counting accuracy on fixed-seed samples of every count.
 
 Accuracy is the strict counter (every component counts, docs/toy-world.md); the lenient counter (specks
-under LENIENT_MIN_SIZE px ignored), the fraction of blank images and the accuracy per count come beside it.
+under LENIENT_MIN_SIZE px ignored), the fraction of blank images, the accuracy per count and what is drawn
+for each count asked (`counts_per_n`: how the model errs, blank, one short, one over) come beside it.
 """
 
 from __future__ import annotations
@@ -48,7 +49,19 @@ def evaluate_toy(
         "blank_fraction": (strict == 0).float().mean().item(),
         "mean_count": strict.float().mean().item(),
         "accuracy_per_n": {n: (strict[wanted == n] == n).float().mean().item() for n in range(1, MAX_DOTS + 1)},
+        "counts_per_n": counts_per_n(strict, wanted),
     }, images
+
+
+def counts_per_n(counted: torch.Tensor, wanted: torch.Tensor) -> dict[int, list[float]]:
+    """For each count asked, the fraction of its images with 0, 1, ..., MAX_DOTS and more than MAX_DOTS
+    components (the last bucket): a row of the confusion between the count asked and the count drawn."""
+    out = {}
+    for n in range(1, MAX_DOTS + 1):
+        drawn = counted[wanted == n].clamp(max=MAX_DOTS + 1)
+        hist = torch.bincount(drawn, minlength=MAX_DOTS + 2).float()
+        out[n] = (hist / max(len(drawn), 1)).tolist()
+    return out
 
 
 @dataclass
