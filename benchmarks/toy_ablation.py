@@ -12,7 +12,8 @@ GPO and DPO part); accuracy stays the strict count. Its rows go to benchmarks/re
 
 --change tunes: each run adds the --set overrides to the setting, and its row goes to
 benchmarks/results/toy_tuning.csv with the change named in its first column (kept or not, every tried
-setting is recorded); --summarize --change "..." prints that change's table.
+setting is recorded); --summarize --change "..." prints that change's table, --summarize --csv benchmarks/results/toy_tuning.csv
+every change's.
 
     python benchmarks/toy_ablation.py                       # 4 settings x 5 seeds, ~80 min on 2 cores
     python benchmarks/toy_ablation.py --objectives gpo --seeds 0
@@ -89,13 +90,17 @@ def mean_interval(values: list[float]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| objective | seeds | accuracy before | accuracy after | gain, points: mean [95% CI of the mean] "
+    """Mean and spread per setting: per objective, or per (change, objective) for tuning rows."""
+    def setting(r: dict) -> str:
+        return f"{r['objective']}, {r['change']}" if r.get("change") else r["objective"]
+
+    lines = ["| setting | seeds | accuracy before | accuracy after | gain, points: mean [95% CI of the mean] "
              "(min, max) | wall s, mean |", "|---|---|---|---|---|---|"]
-    for objective in dict.fromkeys(r["objective"] for r in rows):
-        rs = [r for r in rows if r["objective"] == objective]
+    for name in dict.fromkeys(setting(r) for r in rows):
+        rs = [r for r in rows if setting(r) == name]
         gains = [100 * float(r["gain"]) for r in rs]
         lines.append(
-            f"| {objective} | {len(rs)} | {statistics.mean(float(r['accuracy_before']) for r in rs):.3f} | "
+            f"| {name} | {len(rs)} | {statistics.mean(float(r['accuracy_before']) for r in rs):.3f} | "
             f"{statistics.mean(float(r['accuracy_after']) for r in rs):.3f} | "
             f"{statistics.mean(gains):+.1f} {mean_interval(gains)} ({min(gains):+.1f}, {max(gains):+.1f}) | "
             f"{statistics.mean(float(r['wall_seconds']) for r in rs):.0f} |")

@@ -127,4 +127,8 @@ def test_the_toy_ablation_summarizes_one_tuning_change_from_its_csv(tmp_path, ca
     assert ablation.main(["--csv", str(path), "--summarize", "--change", "train.lr=1e-3",
                           "--objectives", "gpo-per-member"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| gpo-per-member"))
-    assert line.startswith("| gpo-per-member | 2 |") and "+15.0" in line  # only that change's two rows
+    assert line.startswith("| gpo-per-member, train.lr=1e-3 | 2 |") and "+15.0" in line  # that change's rows
+    assert ablation.main(["--csv", str(path), "--summarize", "--objectives", "gpo-per-member"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| gpo-per-member")]
+    assert [x.split(" | ")[0:2] for x in lines] == [["| gpo-per-member, train.lr=1e-3", "2"],
+                                                    ["| gpo-per-member, rollout.steps=12", "2"]]  # one per change
