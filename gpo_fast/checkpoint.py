@@ -66,6 +66,20 @@ def _split_state(state, prefix: str, tensors: dict, scalars: dict | None = None)
     raise TypeError(f"cannot checkpoint a {type(state).__name__} at {prefix}")
 
 
+def _unshare(tensors: dict) -> None:
+    """Give every tensor its own memory: safetensors refuses tensors that share it, and bitsandbytes' 8-bit
+    Adam keeps one quantization map (qmap1, qmap2) shared by the states of every parameter it quantizes
+    (those of 4096 elements or more: SD3.5's LoRA matrices, any full fine-tune). Loaded back, each state
+    holds its own copy of the same values, which the optimizer reads the same way."""
+    seen = set()
+    for key, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel():
+            tensors[key] = t.clone()
+        else:
+            seen.add(ptr)
+
+
 def _key(k):
     return {"int": k} if isinstance(k, int) else k
 
@@ -113,6 +127,7 @@ def save_checkpoint(run_dir: Path, rollout: int, state: dict, keep: int = 2) -> 
         shutil.rmtree(tmp)
     tensors: dict = {}
     structure = _split_state(state, "s", tensors)
+    _unshare(tensors)
     files = ["tensors.safetensors", "state.json"]
     try:
         tmp.mkdir()

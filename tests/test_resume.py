@@ -76,6 +76,42 @@ def test_checkpoint_round_trip_keeps_types(tmp_path):
     assert back["nested"] == {"step": 4, "betas": (0.9, 0.99), 7: [1.5, None]}
 
 
+def test_8bit_adam_states_with_shared_quantization_maps_checkpoint_and_continue_identically(tmp_path):
+    """bitsandbytes' AdamW8bit quantizes the states of parameters of 4096+ elements (SD3.5's LoRA matrices, a
+    full fine-tune) with quantization maps shared between parameters: the checkpoint holds them, and the
+    restored optimizer takes the same next step as the one that never stopped."""
+    import bitsandbytes as bnb
+
+    def make():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(64, 128)), torch.nn.Parameter(torch.randn(96, 64))]
+        return params, bnb.optim.AdamW8bit(params, lr=1e-2)
+
+    def step(params, opt, seed):
+        g = torch.Generator().manual_seed(seed)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+
+    params, opt = make()
+    for i in range(3):
+        step(params, opt, i)
+    state = [s["__bnb_optimizer_quant_state__"] for s in opt.state_dict()["state"].values()]
+    assert state[0]["state1"].dtype == torch.uint8  # quantized: the case this test is about
+    assert state[0]["qmap1"].data_ptr() == state[1]["qmap1"].data_ptr()  # the shared map
+    path = save_checkpoint(tmp_path, 3, {"weights": [p.detach().clone() for p in params],
+                                         "optimizer": opt.state_dict()})
+    back = load_checkpoint(path)
+    params2, opt2 = make()
+    with torch.no_grad():
+        for p, w in zip(params2, back["weights"]):
+            p.copy_(w)
+    opt2.load_state_dict(back["optimizer"])
+    step(params, opt, 3)
+    step(params2, opt2, 3)
+    assert all(torch.equal(a, b) for a, b in zip(params, params2))
+
+
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
     from gpo_fast import checkpoint
 
