@@ -45,11 +45,12 @@ FIELDS = ["machine", "threads", "commit", "objective", "seed", "accuracy_before"
           "wall_seconds"]
 
 
-# a setting: the config keys it changes from the default toy preset
+# a setting: the config keys it changes from the default toy preset (every key the settings differ in is
+# written out, so a row means the same whatever the default is)
 SETTINGS = {
-    "gpo": ['train.objective="gpo"'],
-    "gpo-pairs": ['train.objective="gpo-pairs"'],
-    "dpo": ['train.objective="dpo"'],
+    "gpo": ['train.objective="gpo"', "train.beta_per_member=false"],
+    "gpo-pairs": ['train.objective="gpo-pairs"', "train.beta_per_member=false"],
+    "dpo": ['train.objective="dpo"', "train.beta_per_member=false"],
     "gpo-per-member": ['train.objective="gpo"', "train.beta_per_member=true"],  # beta / G
 }
 
