@@ -146,8 +146,8 @@ def main(argv=None) -> int:
             cfg = load_config(overrides=[*SETTINGS[objective], *TASKS[args.task]["overrides"], f"seed={seed}",
                                          f'out="{out}"', *args.overrides])
             s = train(cfg, log=lambda *a: None).summary
-            row = dict({"change": args.change} if args.change else {}, **meta, objective=objective, seed=seed, accuracy_before=f"{s['accuracy_before']:.4f}",
-                       accuracy_after=f"{s['accuracy_after']:.4f}", gain=f"{s['gain']:.4f}",
+            row = dict({"change": args.change} if args.change else {}, **meta, objective=objective, seed=seed,
+                       accuracy_before=f"{s['accuracy_before']:.4f}", accuracy_after=f"{s['accuracy_after']:.4f}", gain=f"{s['gain']:.4f}",
                        gain_ci95_low=f"{s['gain_ci95'][0]:.4f}", gain_ci95_high=f"{s['gain_ci95'][1]:.4f}",
                        blank_before=f"{s['blank_before']:.4f}", blank_after=f"{s['blank_after']:.4f}",
                        best_rollout=s["best_rollout"], rollouts=s["rollouts"], wall_seconds=f"{s['wall_seconds']:.0f}")

@@ -86,10 +86,15 @@ def test_the_compiled_baseline_allows_the_backward_only_mode():
     assert pred.grad is not None and torch.isfinite(pred.grad).all()
 
 
-def test_the_toy_ablation_summarizes_its_csv_by_objective_with_the_interval_of_the_mean(tmp_path, capsys):
+def _toy_ablation():
     spec = importlib.util.spec_from_file_location("toy_ablation", ROOT / "benchmarks" / "toy_ablation.py")
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_toy_ablation_summarizes_its_csv_by_objective_with_the_interval_of_the_mean(tmp_path, capsys):
+    ablation = _toy_ablation()
     rows = [dict(machine=ablation.machine(), threads="1", commit="abc1234", objective=o, seed=str(s),
                  accuracy_before="0.2730", accuracy_after=f"{0.273 + g:.4f}", gain=f"{g:.4f}", gain_ci95_low="0",
                  gain_ci95_high="0", blank_before="0.1", blank_after="0.1", best_rollout="20", rollouts="60",
@@ -110,9 +115,7 @@ def test_the_toy_ablation_summarizes_its_csv_by_objective_with_the_interval_of_t
 
 
 def test_the_toy_ablation_summarizes_one_tuning_change_from_its_csv(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("toy_ablation", ROOT / "benchmarks" / "toy_ablation.py")
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
+    ablation = _toy_ablation()
     base = dict(machine=ablation.machine(), threads="1", commit="abc1234", objective="gpo-per-member",
                 accuracy_before="0.2730", gain_ci95_low="0", gain_ci95_high="0", blank_before="0.1",
                 blank_after="0.1", best_rollout="20", rollouts="60", wall_seconds="200")
