@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gpo_fast.config import load_config
+
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "bench_kernels.py")
 bench = importlib.util.module_from_spec(spec)
@@ -112,6 +114,15 @@ def test_the_toy_ablation_summarizes_its_csv_by_objective_with_the_interval_of_t
     # gpo: mean +22.0, sd 3.46, t(0.975, 2) = 4.303: half-width 8.6
     assert "+22.0 [+13.4, +30.6] (+20.0, +26.0)" in lines[0] and "+12.0 [+7.0, +17.0] (+10.0, +14.0)" in lines[1]
     assert ablation.mean_interval([1.0]) == "[-]"
+
+
+def test_the_toy_default_is_the_ablation_row_it_was_chosen_by():
+    ablation = _toy_ablation()
+    setting, change = ablation.DEFAULT
+    chosen = load_config(overrides=[*ablation.BASE, *ablation.SETTINGS[setting], *change.split()])
+    assert chosen.model_dump() == load_config().model_dump()
+    # and the rows' base is not the default: without the change the ablation runs something else
+    assert load_config(overrides=[*ablation.BASE, *ablation.SETTINGS[setting]]).model_dump() != chosen.model_dump()
 
 
 def test_the_toy_ablation_summarizes_one_tuning_change_from_its_csv(tmp_path, capsys):

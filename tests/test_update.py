@@ -156,7 +156,7 @@ def test_gpo_raises_the_implicit_reward_of_high_reward_samples():
 
 def test_the_loss_contract_is_read_from_the_config():
     config = load_config(overrides=["rollout.group_size=6", "train.beta=20", 'train.objective="dpo"',
-                                    "train.eps_std=0.01", "train.min_std=0.001"])
+                                    "train.eps_std=0.01", "train.min_std=0.001", "train.beta_per_member=false"])
     assert loss_spec(config) == LossSpec(group_size=6, beta=20.0, objective="dpo", eps_std=0.01, min_std=0.001)
 
 
@@ -174,7 +174,8 @@ def test_beta_per_member_divides_beta_by_the_group_size_and_is_a_mean_over_membe
     mean_term = (adv * (e - f).view(2, 8)).mean(dim=1)
     expected = torch.nn.functional.softplus(800.0 * mean_term).mean()
     torch.testing.assert_close(loss_from_errors(e, f, r, spec), expected)
-    assert loss_spec(load_config(overrides=["rollout.group_size=8", "train.beta=800"])).beta == 800.0
+    off = ["rollout.group_size=8", "train.beta=800", "train.beta_per_member=false"]
+    assert loss_spec(load_config(overrides=off)).beta == 800.0
 
 
 def test_group_noise_is_shared_within_a_group_and_differs_between_groups():
