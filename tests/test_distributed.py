@@ -45,8 +45,12 @@ def test_two_processes_train_the_weights_of_one(tmp_path):
     assert a.keys() == b.keys()
     moved = max((v.abs().max().item() for k, v in a.items() if "lora_B" in k), default=0.0)
     assert moved > 1e-3  # the updates did change the adapter, so agreement is not trivial
-    for k in a:  # float32 AdamW; the two runs differ only in the order of float sums
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    # float32 AdamW; the two runs differ only in the order of float sums, and Adam divides each entry's step by
+    # its own gradient scale, so an entry whose gradient is near zero can move by a visible part of lr from that
+    # noise alone (measured: 3e-5 on 1 entry of 512, at lr 1e-2). 1e-4 is 1% of one step; a rank's groups lost
+    # or weighted wrongly moves many entries by a large part of a step
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4)
 
 
 def _grads_in_rank(rank: int, world: int, port: int, out: str) -> None:
