@@ -83,7 +83,7 @@ class ToyModel(AdapterMixin, torch.nn.Module):
         return latents.clamp(-1.0, 1.0)
 
     def schedule(self, steps: int) -> torch.Tensor:
-        return torch.linspace(1.0, 0.0, steps + 1)  # plain Euler on equal steps: the toy model trains on uniform noise
+        return torch.linspace(1.0, 0.0, steps + 1)  # plain Euler on equal steps (pretraining drew logit-normal levels)
 
     # -- weights ------------------------------------------------------------------------------
     def save_pretrained(self, directory: Path, manifest: dict | None = None) -> Path:
