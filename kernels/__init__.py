@@ -18,6 +18,14 @@ The argument checks and the dtypes the kernels take (KERNEL_DTYPES) live here.
 
 from __future__ import annotations
 
+if __name__ == "kernels":  # the repository root is on sys.path and gpo_fast was not imported first
+    raise ImportError(
+        "gpo-fast's kernels/ folder was imported as the top-level module `kernels`, which is the name of "
+        "Hugging Face's kernels package; import gpo_fast before transformers or diffusers, or run from "
+        "outside the repository root.",
+        name="kernels",
+    )
+
 import contextlib
 
 import torch

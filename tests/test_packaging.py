@@ -11,8 +11,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = (
     "import importlib.util, gpo_fast, gpo_fast.kernels as k; "
-    "print(k.__file__); print(importlib.util.find_spec('kernels')); print(gpo_fast.gpo_loss.__module__)"
+    "s = importlib.util.find_spec('kernels'); print(k.__file__); print(s and s.origin); "
+    "print(gpo_fast.gpo_loss.__module__)"
 )
+
+
+def _not_ours(origin, *places):
+    """A top-level `kernels` may exist (Hugging Face's, a dependency of transformers), but is never ours."""
+    return origin == "None" or not any(Path(origin).resolve().is_relative_to((p / "kernels").resolve())
+                                       for p in places)
 
 
 def _probe(cwd, env=None):
@@ -24,7 +31,7 @@ def _probe(cwd, env=None):
 def test_installed_package_imports_kernels_under_its_namespace(tmp_path):
     kernels_file, top_level, module = _probe(tmp_path)
     assert Path(kernels_file).name == "__init__.py"
-    assert top_level == "None"
+    assert _not_ours(top_level, ROOT)
     assert module == "gpo_fast.kernels"
 
 
@@ -47,7 +54,33 @@ def test_wheel_maps_kernels_folder_into_the_package(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(site))
     kernels_file, top_level, _ = _probe(tmp_path, env)
     assert Path(kernels_file).is_relative_to(site)
-    assert top_level == "None"
+    assert _not_ours(top_level, ROOT, site)
+
+
+def _run_in_root(code, env=None):
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def test_source_root_on_sys_path_does_not_shadow_another_kernels_package(tmp_path):
+    # `python -m gpo_fast.cli` from a clone puts the root, and so its kernels/ folder, first on sys.path;
+    # transformers imports Hugging Face's `kernels` at model-import time. A stand-in plays that package.
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("CUDAProperties = 'stand-in'\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    out = _run_in_root("import gpo_fast, kernels; print(kernels.CUDAProperties); print(gpo_fast.kernels.__name__)",
+                       env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["stand-in", "gpo_fast.kernels"]
+    # with no other `kernels` anywhere, the name is missing rather than bound to the folder
+    out = _run_in_root("import sys, gpo_fast; sys.path[:] = [p for p in sys.path if 'site-packages' not in p]\n"
+                       "try:\n    import kernels\nexcept ModuleNotFoundError:\n    print('missing')")
+    assert out.returncode == 0 and out.stdout.strip() == "missing", out.stderr[-2000:]
+
+
+def test_folder_imported_as_top_level_kernels_says_why(tmp_path):
+    out = _run_in_root("import kernels")  # gpo_fast not imported first: no finder to skip the root
+    assert out.returncode != 0
+    assert "import gpo_fast before transformers" in out.stderr
 
 
 def test_console_script_version():
