@@ -20,6 +20,16 @@ from typer.core import TyperCommand
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
+def _not_bnb_cpu_kernel(record: logging.LogRecord) -> bool:
+    """False for Hugging Face kernels' records about bitsandbytes' optional CPU kernel (with HF_HUB_OFFLINE=1 it says
+    it skips that kernel's publisher check): the same optional kernel as above, fetched at bitsandbytes' import."""
+    return _BNB_CPU_KERNEL not in record.getMessage()
+
+
+_BNB_CPU_KERNEL = "kernels-community/quantization-bitsandbytes"
+logging.getLogger("kernels._internals.hf_hub").addFilter(_not_bnb_cpu_kernel)
+
+
 class _Command(TyperCommand):
     """A command whose UserError (gpo_fast.errors) is one sentence and exit code 2, unless --debug."""
 

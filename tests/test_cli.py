@@ -123,3 +123,21 @@ def test_config_errors_are_one_sentence_exit_2_no_traceback(args, needle, tmp_pa
     assert needle in out.stderr and "Traceback" not in out.stderr + out.stdout
     assert len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_cli_drops_only_the_offline_notice_about_bitsandbytes_cpu_kernel(caplog):
+    # on a CPU with AVX512-BF16, importing bitsandbytes asks Hugging Face's kernels package for an optional CPU
+    # kernel; with HF_HUB_OFFLINE=1 kernels logs that it skips that kernel's publisher check, a line that would
+    # come before every error sentence. The CLI drops that record and no other of the same logger.
+    import logging
+
+    import gpo_fast.cli  # noqa: F401  (installs the filter)
+
+    log = logging.getLogger("kernels._internals.hf_hub")
+    with caplog.at_level(logging.WARNING, logger="kernels._internals.hf_hub"):
+        log.warning("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because "
+                    "Hugging Face Hub is in offline mode.")
+        log.warning("Skipping publisher trust check for 'someone/other-kernel' because Hugging Face Hub is in "
+                    "offline mode.")
+    messages = [r.getMessage() for r in caplog.records if r.name == "kernels._internals.hf_hub"]
+    assert len(messages) == 1 and "someone/other-kernel" in messages[0]
