@@ -15,19 +15,13 @@ from typing import Optional
 import typer
 from typer.core import TyperCommand
 
-# bitsandbytes (imported by diffusers) warns on every CPU with AVX512-BF16 that an optional CPU 4-bit kernel
-# package is missing; gpo-fast runs no 4-bit matmul on the CPU, so that line would only bury the real output
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-
-def _not_bnb_cpu_kernel(record: logging.LogRecord) -> bool:
-    """False for Hugging Face kernels' records about bitsandbytes' optional CPU kernel (with HF_HUB_OFFLINE=1 it says
-    it skips that kernel's publisher check): the same optional kernel as above, fetched at bitsandbytes' import."""
-    return _BNB_CPU_KERNEL not in record.getMessage()
-
-
+# On every CPU with AVX512-BF16, importing bitsandbytes (diffusers does) fetches an optional CPU 4-bit kernel
+# through Hugging Face's kernels package: bitsandbytes warns when that fails, and with HF_HUB_OFFLINE=1 kernels
+# says it skips the kernel's publisher check. gpo-fast runs no 4-bit matmul on the CPU, so both lines would
+# only bury the real output (a one-sentence error among them); other kernels records still show.
 _BNB_CPU_KERNEL = "kernels-community/quantization-bitsandbytes"
-logging.getLogger("kernels._internals.hf_hub").addFilter(_not_bnb_cpu_kernel)
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+logging.getLogger("kernels._internals.hf_hub").addFilter(lambda record: _BNB_CPU_KERNEL not in record.getMessage())
 
 
 class _Command(TyperCommand):

@@ -2,6 +2,7 @@
 writes a set that loads with disjoint splits, `eval` and `sample` use a run, and bad input anywhere is one
 sentence, exit code 2, no traceback."""
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -129,8 +130,6 @@ def test_cli_drops_only_the_offline_notice_about_bitsandbytes_cpu_kernel(caplog)
     # on a CPU with AVX512-BF16, importing bitsandbytes asks Hugging Face's kernels package for an optional CPU
     # kernel; with HF_HUB_OFFLINE=1 kernels logs that it skips that kernel's publisher check, a line that would
     # come before every error sentence. The CLI drops that record and no other of the same logger.
-    import logging
-
     import gpo_fast.cli  # noqa: F401  (installs the filter)
 
     log = logging.getLogger("kernels._internals.hf_hub")
