@@ -112,6 +112,10 @@ class TrainSection(_Section):
     lr_schedule: Literal["constant", "cosine"] = "constant"
     warmup_updates: int = Field(0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "Keep an exponential moving average of the trained weights (diffusers' EMAModel, updated after every "
+        "optimizer step, its decay warming up as (1 + n) / (10 + n) to this value); validation scores the average "
+        "and the adapter kept is the best average. Rollouts still sample from the trained weights (0: off)."))
     micro_batch: int = Field(0, ge=0, description="Samples per forward/backward; 0 = the whole rollout at once.")
     sigma_dist: Literal["logit-normal", "uniform", "schedule"] = "logit-normal"
     sigma_min: float = Field(0.02, ge=0.0, lt=1.0)

@@ -5,10 +5,11 @@
                 the state of the checkpoint a resumed run continues from
     for each rollout:
         sample and score   P prompts -> G images each from the current policy -> rewards
-        update             `inner_updates` x (gpo_update -> clip -> optimizer step); a non-finite update
-                           is skipped and counted, several in a row stop the run
+        update             `inner_updates` x (gpo_update -> clip -> optimizer step -> moving average, if
+                           train.ema_decay); a non-finite update is skipped and counted, several in a row
+                           stop the run
         record             metrics.jsonl and TensorBoard; validation every `eval.every` rollouts keeps
-                           the best adapter
+                           the best adapter (the moving average of the weights, if train.ema_decay)
         checkpoint         every `train.checkpoint_every` rollouts, the whole LoopState and the weights
     finish      the best adapter saved, measured on the held-out seeds; summary.json and plots
 
@@ -20,6 +21,7 @@ evaluates and writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -40,7 +42,7 @@ from gpo_fast.prompts import write_jsonl
 from gpo_fast.rewards.base import RewardResult
 from gpo_fast.report import gain_interval, save_before_after, save_grid, save_reward_curve, write_atomic, write_json
 from gpo_fast.sampling import rollout
-from gpo_fast.update import degenerate_fraction, gpo_update, loss_spec, make_optimizer, make_schedule
+from gpo_fast.update import degenerate_fraction, gpo_update, loss_spec, make_ema, make_optimizer, make_schedule
 from gpo_fast.watch import DriftWatch, reward_climbing
 
 DEGENERATE_WARN_AFTER = 5  # rollouts in a row with >= 90% degenerate groups before the loop says so
@@ -104,6 +106,7 @@ class Run:
     writer: object = None  # TensorBoard, rank 0
     metrics_file: object = None  # metrics.jsonl, rank 0
     validator: Evaluator | None = None  # the val prompts' evaluator; None: the evaluator on the validation seed
+    ema: object = None  # diffusers' EMAModel of the trained weights (train.ema_decay), or None
 
     @property
     def main(self) -> bool:
@@ -116,12 +119,27 @@ class Run:
     def validate(self) -> tuple[dict, torch.Tensor]:
         return (self.validator or self.evaluator)(self.model, self.config.eval.seed + VALIDATION_SEED_OFFSET)
 
+    @contextlib.contextmanager
+    def averaged(self):
+        """Inside the block the model holds the moving average of the trained weights (train.ema_decay; the
+        trained weights themselves when it is off); after it, the trained weights again."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
+
     def save_checkpoint(self) -> None:
         st = self.state
         save_checkpoint(self.out, st.rollout, {
             "rollout": st.rollout, "updates": st.updates,
             "trainable": {k: v for k, v in self.model.named_parameters() if v.requires_grad},
             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": rng_state(st.generator),
+            "ema": None if self.ema is None else self.ema.state_dict(),
             "before": st.before, "best": st.best, "val_start": st.val_start,
             "before_tiles": None if st.before_tiles is None else st.before_tiles.state(),
             "config": self.config.model_dump(mode="json"),
@@ -136,6 +154,9 @@ class Run:
         _load_trained_state(self.model, ck["trainable"])
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ck["ema"])
+            self.ema.to(self.model.device)  # the checkpoint's tensors come back on the CPU
         st = self.state
         set_rng_state(ck["rng"], st.generator)
         st.rollout, st.updates = ck["rollout"], ck["updates"]
@@ -197,7 +218,8 @@ def setup(config: Config, log, resume: Path | None) -> Run:
     sched = make_schedule(opt, config.train, config.train.rollouts * config.train.inner_updates)
     run = Run(config, Path(config.out), dist, task, build_evaluator(config, task, device), model, opt, sched,
               LoopState(torch.Generator().manual_seed(config.seed)), log, autocast_for(device),
-              validator=build_evaluator(config, task, device, split="val") if task.val_prompts else None)
+              validator=build_evaluator(config, task, device, split="val") if task.val_prompts else None,
+              ema=make_ema(model.trainable_parameters(), config.train))
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
         write_atomic(run.out / "config.toml", dump_config(config))
@@ -224,8 +246,9 @@ def begin(run: Run, resume: Path | None) -> None:
         run.log(f"before: accuracy {st.before['accuracy']:.3f} +- {st.before['accuracy_stderr']:.3f} on "
                 f"{ev.samples} held-out samples")
     if ev.every and st.best is None:  # a fresh run, or validation switched on at the resume: start from here
-        metrics, _ = run.validate()
-        st.best = _snapshot(run.model, st.rollout, metrics["accuracy"])
+        with run.averaged():
+            metrics, _ = run.validate()
+            st.best = _snapshot(run.model, st.rollout, metrics["accuracy"])
         st.val_start = metrics["accuracy"] if st.rollout == 0 else st.val_start
         st.watch = DriftWatch(metrics["image_stats"], ev.watch_multiple)
     from torch.utils.tensorboard import SummaryWriter
@@ -287,6 +310,8 @@ def update(run: Run, batch: Batch, on_update=None) -> tuple[list[dict], float]:
         st.bad_updates_in_a_row = 0
         run.opt.step()
         run.sched.step()
+        if run.ema is not None:
+            run.ema.step(params)
         st.updates += 1
         if on_update is not None:
             on_update(st.updates)
@@ -316,15 +341,16 @@ def record(run: Run, batch: Batch, stats: list[dict], grad_norm: float, seconds:
         return row
     ev = run.config.eval
     if ev.every and st.rollout % ev.every == 0:
-        metrics, val_tiles = run.validate()
+        with run.averaged():
+            metrics, val_tiles = run.validate()
+            if metrics["accuracy"] > st.best["accuracy"]:
+                st.best = _snapshot(run.model, st.rollout, metrics["accuracy"])
         row["val_accuracy"] = metrics["accuracy"]
         if "watch_reward_mean" in metrics:
             row["val_watch_reward"] = metrics["watch_reward_mean"]
         _watch(run, row, metrics)
         save_grid(val_tiles.head(50), run.out / "samples" / f"rollout-{st.rollout:05d}.png",
                   f"rollout {st.rollout}: validation accuracy {100 * metrics['accuracy']:.1f}%")
-        if row["val_accuracy"] > st.best["accuracy"]:
-            st.best = _snapshot(run.model, st.rollout, row["val_accuracy"])
     run.metrics_file.write(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v
                                        for k, v in row.items()}) + "\n")
     run.metrics_file.flush()
@@ -365,11 +391,14 @@ def finish(run: Run, start: float) -> RunResult:
         return RunResult({}, st.history, run.model)
     run.metrics_file.close()
     if config.eval.every:  # a last look at the final weights, then keep the best on the validation seeds
-        accuracy = run.validate()[0]["accuracy"]
-        if accuracy > st.best["accuracy"]:
-            st.best = _snapshot(run.model, st.rollout, accuracy)
+        with run.averaged():
+            accuracy = run.validate()[0]["accuracy"]
+            if accuracy > st.best["accuracy"]:
+                st.best = _snapshot(run.model, st.rollout, accuracy)
         _load_trained_state(run.model, st.best["state"])
-    else:  # no validation: the final weights
+    else:  # no validation: the final weights (their moving average, if train.ema_decay)
+        if run.ema is not None:
+            run.ema.copy_to(run.params)
         st.best = {"rollout": st.rollout}
     if config.lora.enabled:
         run.model.save_adapter(run.out / "adapter")

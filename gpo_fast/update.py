@@ -83,6 +83,15 @@ def make_optimizer(params, train: TrainSection):
     return torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0)
 
 
+def make_ema(params, train: TrainSection):
+    """diffusers' EMAModel of the trained weights (its decay (1 + n) / (10 + n) up to train.ema_decay), or None."""
+    if not train.ema_decay:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(params, decay=train.ema_decay)
+
+
 def make_schedule(opt, train: TrainSection, total_updates: int):
     def factor(step: int) -> float:
         warm = min(1.0, (step + 1) / train.warmup_updates) if train.warmup_updates else 1.0

@@ -254,3 +254,19 @@ def test_resume_latest_skips_finished_runs_and_half_written_checkpoints(tmp_path
     out = _gpo_fast("train", "--resume", "latest", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "no unfinished run with a checkpoint" in out.stderr
+
+
+def test_a_resumed_run_continues_the_moving_average_of_the_weights(tmp_path):
+    """train.ema_decay with eval.every = 0 saves the moving average after the last update: it ends the same
+    after a resume only if the checkpoint carried the average."""
+    full, run = tmp_path / "full", tmp_path / "run"
+    sets = ("train.rollouts=4", "eval.every=0", "train.ema_decay=0.9")
+    done = _gpo_fast("train", *ARGS, *(f"--set={kv}" for kv in sets), "--out", str(full))
+    assert done.returncode == 0, done.stderr[-2000:]
+    _stopped_run(run, *sets)  # stopped after rollout 3
+    resumed = _gpo_fast("train", "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "(rollout 3," in resumed.stdout
+    a, b = (load_file(str(r / "adapter" / "pytorch_lora_weights.safetensors")) for r in (full, run))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _rows(run) == _rows(full)

@@ -67,3 +67,51 @@ def test_a_run_with_scoring_overlapped_is_the_run_without(tmp_path):
     assert [r["loss"] for r in on.history] and on.summary["accuracy_after"] == off.summary["accuracy_after"]
     for (name, p), (_, q) in zip(on.model.named_parameters(), off.model.named_parameters()):
         assert torch.equal(p, q), name
+
+
+def test_the_moving_average_is_what_validation_scores_and_what_is_kept(tmp_path, monkeypatch):
+    """train.ema_decay: the rollouts and updates are those of the run without it (the average is only read), each
+    validation scores the average of the weights after the updates so far (decay (1 + n) / (10 + n) up to
+    ema_decay), and the adapter kept is the average that validated best."""
+    import gpo_fast.train as loop
+
+    def run(decay, monkeypatch):
+        raw, seen = [], {}  # the trained weights after each update; the weights each validation scored
+        update, validate = loop.update, loop.Run.validate
+
+        def spy_update(r, batch, on_update=None):
+            out = update(r, batch, on_update)
+            raw.append([p.detach().clone() for p in r.params])
+            return out
+
+        def spy_validate(r):
+            seen[r.state.rollout] = [p.detach().clone() for p in r.params]
+            return validate(r)
+
+        monkeypatch.setattr(loop, "update", spy_update)
+        monkeypatch.setattr(loop.Run, "validate", spy_validate)
+        cfg = load_config(overrides=[
+            f"out=\"{tmp_path / str(decay)}\"", "train.rollouts=3", "train.inner_updates=1", "rollout.prompts=2",
+            "rollout.group_size=4", "rollout.steps=2", "eval.samples=20", "eval.steps=2", "eval.every=1",
+            "reward.partial_credit=true", f"train.ema_decay={decay}"])
+        return train(cfg, log=lambda *a: None), raw, seen
+
+    plain, plain_raw, _ = run(0.0, monkeypatch)
+    averaged, raw, seen = run(0.5, monkeypatch)
+    same = lambda rows: [{k: v for k, v in r.items() if k != "step_seconds" and not k.startswith(("val_", "watch_"))}
+                         for r in rows]  # what validation measures differs; the training does not
+    assert json.dumps(same(averaged.history)) == json.dumps(same(plain.history))
+    assert all(torch.equal(a, b) for ra, rb in zip(raw, plain_raw) for a, b in zip(ra, rb))
+
+    expected, average = {0: seen[0]}, None
+    for n, weights in enumerate(raw, start=1):
+        decay = 0.0 if n == 1 else min(0.5, n / (9 + n))  # diffusers' EMAModel: (1 + step) / (10 + step), step = n - 1
+        average = [w.clone() for w in weights] if average is None else [
+            decay * a + (1 - decay) * w for a, w in zip(average, weights)]
+        expected[n] = average
+    assert set(seen) == {0, 1, 2, 3}
+    for rollout, weights in seen.items():
+        assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(weights, expected[rollout])), rollout
+    assert not all(torch.equal(a, b) for a, b in zip(expected[3], raw[-1]))  # the average is not the last weights
+    kept = [p.detach() for p in averaged.model.trainable_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(kept, seen[averaged.summary["best_rollout"]]))
