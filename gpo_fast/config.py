@@ -116,6 +116,10 @@ class TrainSection(_Section):
         "Keep an exponential moving average of the trained weights (diffusers' EMAModel, updated after every "
         "optimizer step, its decay warming up as (1 + n) / (10 + n) to this value); validation scores the average "
         "and the adapter kept is the best average. Rollouts still sample from the trained weights (0: off)."))
+    reference_decay: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "0: the reference is the frozen base model (the paper's). Above 0: the reference is a moving average of "
+        "the trained weights with this decay (warming up as ema_decay's does), updated after every optimizer step, "
+        "so the log-ratio measures the policy against its own recent past (TR-DPO's soft update)."))
     micro_batch: int = Field(0, ge=0, description="Samples per forward/backward; 0 = the whole rollout at once.")
     sigma_dist: Literal["logit-normal", "uniform", "schedule"] = "logit-normal"
     sigma_min: float = Field(0.02, ge=0.0, lt=1.0)

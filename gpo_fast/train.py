@@ -42,7 +42,8 @@ from gpo_fast.prompts import write_jsonl
 from gpo_fast.rewards.base import RewardResult
 from gpo_fast.report import gain_interval, save_before_after, save_grid, save_reward_curve, write_atomic, write_json
 from gpo_fast.sampling import rollout
-from gpo_fast.update import degenerate_fraction, gpo_update, loss_spec, make_ema, make_optimizer, make_schedule
+from gpo_fast.update import (degenerate_fraction, gpo_update, loss_spec, make_ema, make_optimizer, make_schedule,
+                             swapped_in)
 from gpo_fast.watch import DriftWatch, reward_climbing
 
 DEGENERATE_WARN_AFTER = 5  # rollouts in a row with >= 90% degenerate groups before the loop says so
@@ -107,6 +108,7 @@ class Run:
     metrics_file: object = None  # metrics.jsonl, rank 0
     validator: Evaluator | None = None  # the val prompts' evaluator; None: the evaluator on the validation seed
     ema: object = None  # diffusers' EMAModel of the trained weights (train.ema_decay), or None
+    reference_ema: object = None  # the moving reference (train.reference_decay), or None: the frozen base
 
     @property
     def main(self) -> bool:
@@ -123,15 +125,8 @@ class Run:
     def averaged(self):
         """Inside the block the model holds the moving average of the trained weights (train.ema_decay; the
         trained weights themselves when it is off); after it, the trained weights again."""
-        if self.ema is None:
+        with swapped_in(self.ema, self.params) if self.ema is not None else contextlib.nullcontext():
             yield
-            return
-        self.ema.store(self.params)
-        self.ema.copy_to(self.params)
-        try:
-            yield
-        finally:
-            self.ema.restore(self.params)
 
     def save_checkpoint(self) -> None:
         st = self.state
@@ -140,6 +135,7 @@ class Run:
             "trainable": {k: v for k, v in self.model.named_parameters() if v.requires_grad},
             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": rng_state(st.generator),
             "ema": None if self.ema is None else self.ema.state_dict(),
+            "reference_ema": None if self.reference_ema is None else self.reference_ema.state_dict(),
             "before": st.before, "best": st.best, "val_start": st.val_start,
             "before_tiles": None if st.before_tiles is None else st.before_tiles.state(),
             "config": self.config.model_dump(mode="json"),
@@ -154,9 +150,10 @@ class Run:
         _load_trained_state(self.model, ck["trainable"])
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
-        if self.ema is not None:
-            self.ema.load_state_dict(ck["ema"])
-            self.ema.to(self.model.device)  # the checkpoint's tensors come back on the CPU
+        for name in ("ema", "reference_ema"):
+            if getattr(self, name) is not None:
+                getattr(self, name).load_state_dict(ck[name])
+                getattr(self, name).to(self.model.device)  # the checkpoint's tensors come back on the CPU
         st = self.state
         set_rng_state(ck["rng"], st.generator)
         st.rollout, st.updates = ck["rollout"], ck["updates"]
@@ -219,7 +216,8 @@ def setup(config: Config, log, resume: Path | None) -> Run:
     run = Run(config, Path(config.out), dist, task, build_evaluator(config, task, device), model, opt, sched,
               LoopState(torch.Generator().manual_seed(config.seed)), log, autocast_for(device),
               validator=build_evaluator(config, task, device, split="val") if task.val_prompts else None,
-              ema=make_ema(model.trainable_parameters(), config.train))
+              ema=make_ema(model.trainable_parameters(), config.train.ema_decay),
+              reference_ema=make_ema(model.trainable_parameters(), config.train.reference_decay))
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
         write_atomic(run.out / "config.toml", dump_config(config))
@@ -294,7 +292,9 @@ def update(run: Run, batch: Batch, on_update=None) -> tuple[list[dict], float]:
         run.opt.zero_grad(set_to_none=True)
         run.model.train()
         with run.precision():
-            stats.append(gpo_update(run.model, batch.x0, batch.texts, batch.rewards, config, st.generator, run.dist))
+            reference = None if run.reference_ema is None else swapped_in(run.reference_ema, params)
+            stats.append(gpo_update(run.model, batch.x0, batch.texts, batch.rewards, config, st.generator, run.dist,
+                                    reference))
         run.dist.sum_grads(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.train.grad_clip).item()
         if not (math.isfinite(stats[-1]["loss"]) and math.isfinite(grad_norm)):
@@ -310,8 +310,9 @@ def update(run: Run, batch: Batch, on_update=None) -> tuple[list[dict], float]:
         st.bad_updates_in_a_row = 0
         run.opt.step()
         run.sched.step()
-        if run.ema is not None:
-            run.ema.step(params)
+        for ema in (run.ema, run.reference_ema):
+            if ema is not None:
+                ema.step(params)
         st.updates += 1
         if on_update is not None:
             on_update(st.updates)

@@ -16,6 +16,7 @@ Group-exact micro-batching (train.micro_batch < N), the same gradient as the who
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -83,13 +84,24 @@ def make_optimizer(params, train: TrainSection):
     return torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0)
 
 
-def make_ema(params, train: TrainSection):
-    """diffusers' EMAModel of the trained weights (its decay (1 + n) / (10 + n) up to train.ema_decay), or None."""
-    if not train.ema_decay:
+def make_ema(params, decay: float):
+    """diffusers' EMAModel of the trained weights (its decay (1 + n) / (10 + n) up to `decay`), or None for 0."""
+    if not decay:
         return None
     from diffusers.training_utils import EMAModel
 
-    return EMAModel(params, decay=train.ema_decay)
+    return EMAModel(params, decay=decay)
+
+
+@contextlib.contextmanager
+def swapped_in(ema, params):
+    """Inside the block `params` hold the moving average `ema` keeps of them; after it, their own values."""
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
 
 
 def make_schedule(opt, train: TrainSection, total_updates: int):
@@ -102,8 +114,12 @@ def make_schedule(opt, train: TrainSection, total_updates: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def gpo_update(model: DiffusionModel, x0, prompts: list[str], rewards, config: Config, generator, dist=None) -> dict:
+def gpo_update(model: DiffusionModel, x0, prompts: list[str], rewards, config: Config, generator, dist=None,
+               reference=None) -> dict:
     """One inner update's forward and backward (no optimizer step). Returns per-update stats.
+
+    reference: a context manager inside which the model predicts as the reference (train.reference_decay: the
+    moving average of the trained weights swapped in); None: the frozen base, `model.reference()`.
 
     With several processes (`dist`), the loss is scaled by this rank's share of the non-degenerate
     groups, so that gradients summed across ranks are those of the one-process loss."""
@@ -118,22 +134,22 @@ def gpo_update(model: DiffusionModel, x0, prompts: list[str], rewards, config: C
         scale = (n_valid / dist.sum(n_valid).clamp(min=1.0)).item()
     embeds = model.encode_prompts(prompts)
     loss, policy_err, ref_err = forward_backward(model, x_s, s, u, embeds, rewards, spec, config.train.micro_batch,
-                                                 scale, valid.tolist())
+                                                 scale, valid.tolist(), reference)
     d = policy_err - ref_err
     return {"loss": loss.item() * scale, "mean_abs_d": d.abs().mean().item(),
             "implicit_acc": implicit_reward_accuracy(d, rewards, spec.group_size)}
 
 
 def forward_backward(model: DiffusionModel, x_s, s, u, embeds, rewards, spec: LossSpec, micro_batch: int,
-                     scale: float, valid: list[bool]):
+                     scale: float, valid: list[bool], reference=None):
     """The reference errors, the policy passes and the backward of one update: (loss, policy errors, reference
     errors). Every branch is on Python values (`valid`: the non-degenerate groups), none on tensor data, so
     gpo_fast.plan runs this same code on fake tensors."""
     n = x_s.shape[0]
     mb = micro_batch if 0 < micro_batch < n else n
     chunks = [slice(i, i + mb) for i in range(0, n, mb)]
-    with torch.no_grad(), model.reference() as reference:  # each reference prediction dies at once
-        ref_err = torch.cat([sample_mse(reference.predict(x_s[c], s[c], embeds[c]), u[c]) for c in chunks])
+    with torch.no_grad(), (model.reference() if reference is None else reference):  # each prediction dies at once
+        ref_err = torch.cat([sample_mse(model.predict(x_s[c], s[c], embeds[c]), u[c]) for c in chunks])
     if mb % spec.group_size == 0:  # whole groups per pass (the whole batch included): the fused loss per chunk
         loss, policy_err = _whole_group_passes(model, x_s, s, u, embeds, ref_err, rewards, spec, chunks, scale, valid)
     else:  # a pass cuts through groups: every policy error first, then the coefficients of the whole batch

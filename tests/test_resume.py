@@ -256,11 +256,12 @@ def test_resume_latest_skips_finished_runs_and_half_written_checkpoints(tmp_path
     assert "no unfinished run with a checkpoint" in out.stderr
 
 
-def test_a_resumed_run_continues_the_moving_average_of_the_weights(tmp_path):
-    """train.ema_decay with eval.every = 0 saves the moving average after the last update: it ends the same
-    after a resume only if the checkpoint carried the average."""
+def test_a_resumed_run_continues_the_moving_averages_of_the_weights(tmp_path):
+    """train.ema_decay with eval.every = 0 saves the moving average after the last update, and
+    train.reference_decay's average is the reference of the updates after the resume: the run ends the same
+    only if the checkpoint carried both."""
     full, run = tmp_path / "full", tmp_path / "run"
-    sets = ("train.rollouts=4", "eval.every=0", "train.ema_decay=0.9")
+    sets = ("train.rollouts=4", "eval.every=0", "train.ema_decay=0.9", "train.reference_decay=0.8")
     done = _gpo_fast("train", *ARGS, *(f"--set={kv}" for kv in sets), "--out", str(full))
     assert done.returncode == 0, done.stderr[-2000:]
     _stopped_run(run, *sets)  # stopped after rollout 3

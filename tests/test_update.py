@@ -124,6 +124,41 @@ def test_reference_pass_is_the_base_model():
     torch.testing.assert_close(model.predict(x, sigma, emb), policy, rtol=0, atol=0)  # adapter back on
 
 
+def test_a_moving_reference_scores_with_the_average_and_trains_the_weights():
+    """train.reference_decay: the reference errors come from the moving average of the adapter swapped in, the
+    loss and gradient are those of the trained adapter against them, and the adapter is back afterwards."""
+    from gpo_fast.objective import loss_from_errors
+    from gpo_fast.update import make_ema, swapped_in
+
+    model = _lora_model()
+    params = model.trainable_parameters()
+    average = make_ema(params, 0.5)  # holds the adapter as it is now
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.05)  # the trained adapter moves away from its average
+    trained = [p.detach().clone() for p in params]
+    cfg = load_config(overrides=["rollout.group_size=4", "train.beta=50"])
+    x0, prompts, rewards = _batch()
+    got = gpo_update(model, x0, prompts, rewards, cfg, torch.Generator().manual_seed(5),
+                     reference=swapped_in(average, params))
+    grads = [p.grad.clone() for p in params]
+    assert all(torch.equal(p, t) for p, t in zip(params, trained))
+
+    x_s, u, s = group_noise(x0, 4, cfg.train, model.schedule(cfg.rollout.steps), torch.Generator().manual_seed(5))
+    embeds = model.encode_prompts(prompts)
+    with torch.no_grad(), swapped_in(average, params):
+        ref_err = sample_mse(model.predict(x_s, s, embeds), u)
+        with model.reference():
+            base_err = sample_mse(model.predict(x_s, s, embeds), u)
+    assert not torch.allclose(ref_err, base_err)  # the average is not the base: the test can tell them apart
+    model.zero_grad(set_to_none=True)
+    loss = loss_from_errors(sample_mse(model.predict(x_s, s, embeds), u), ref_err, rewards, loss_spec(cfg))
+    loss.backward()
+    assert got["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    for g, p in zip(grads, params):
+        assert_same_gradient(g, p.grad)
+
+
 def test_gpo_raises_the_implicit_reward_of_high_reward_samples():
     """-d = f - e: after a few seeded updates the policy explains the winners better than the losers."""
     model = _lora_model(perturb=False)
