@@ -118,8 +118,9 @@ class TrainSection(_Section):
         "and the adapter kept is the best average. Rollouts still sample from the trained weights (0: off)."))
     reference_decay: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "0: the reference is the frozen base model (the paper's). Above 0: the reference is a moving average of "
-        "the trained weights with this decay (warming up as ema_decay's does), updated after every optimizer step, "
-        "so the log-ratio measures the policy against its own recent past (TR-DPO's soft update)."))
+        "the trained weights, moved toward them by 1 - reference_decay after every optimizer step (about "
+        "1 / (1 - reference_decay) updates behind), so the log-ratio measures the policy against its own recent "
+        "past: the soft reference update of TR-DPO (TRL's sync_ref_model), after every step."))
     micro_batch: int = Field(0, ge=0, description="Samples per forward/backward; 0 = the whole rollout at once.")
     sigma_dist: Literal["logit-normal", "uniform", "schedule"] = "logit-normal"
     sigma_min: float = Field(0.02, ge=0.0, lt=1.0)

@@ -217,7 +217,7 @@ def setup(config: Config, log, resume: Path | None) -> Run:
               LoopState(torch.Generator().manual_seed(config.seed)), log, autocast_for(device),
               validator=build_evaluator(config, task, device, split="val") if task.val_prompts else None,
               ema=make_ema(model.trainable_parameters(), config.train.ema_decay),
-              reference_ema=make_ema(model.trainable_parameters(), config.train.reference_decay))
+              reference_ema=make_ema(model.trainable_parameters(), config.train.reference_decay, warmup=False))
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
         write_atomic(run.out / "config.toml", dump_config(config))

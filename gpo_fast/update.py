@@ -84,13 +84,15 @@ def make_optimizer(params, train: TrainSection):
     return torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0)
 
 
-def make_ema(params, decay: float):
-    """diffusers' EMAModel of the trained weights (its decay (1 + n) / (10 + n) up to `decay`), or None for 0."""
+def make_ema(params, decay: float, warmup: bool = True):
+    """diffusers' EMAModel of the trained weights, or None for decay 0. With warmup its decay after the n-th
+    update is (1 + n) / (10 + n) up to `decay` (diffusers' default); without, `decay` from the second update on
+    (the first copies the weights)."""
     if not decay:
         return None
     from diffusers.training_utils import EMAModel
 
-    return EMAModel(params, decay=decay)
+    return EMAModel(params, decay=decay, min_decay=0.0 if warmup else decay)
 
 
 @contextlib.contextmanager

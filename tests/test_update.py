@@ -159,6 +159,24 @@ def test_a_moving_reference_scores_with_the_average_and_trains_the_weights():
         assert_same_gradient(g, p.grad)
 
 
+@pytest.mark.parametrize("warmup", [True, False])
+def test_moving_average_decay_with_and_without_warmup(warmup):
+    """make_ema: after the n-th update the average moves by 1 - decay_n toward the weights; decay_1 = 0 (a copy),
+    then (1 + n') / (10 + n') up to the cap with warm-up (n' = n - 1, diffusers' EMAModel), the cap itself without."""
+    from gpo_fast.update import make_ema
+
+    w = torch.nn.Parameter(torch.zeros(3))
+    average = make_ema([w], 0.5, warmup=warmup)
+    expected = None
+    for n, value in enumerate([1.0, 2.0, 4.0, 8.0], start=1):
+        with torch.no_grad():
+            w.fill_(value)
+        average.step([w])
+        decay = 0.0 if n == 1 else (min(0.5, n / (9 + n)) if warmup else 0.5)
+        expected = value if expected is None else decay * expected + (1 - decay) * value
+        assert average.shadow_params[0][0].item() == pytest.approx(expected, rel=1e-6), n
+
+
 def test_gpo_raises_the_implicit_reward_of_high_reward_samples():
     """-d = f - e: after a few seeded updates the policy explains the winners better than the losers."""
     model = _lora_model(perturb=False)
