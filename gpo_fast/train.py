@@ -391,11 +391,12 @@ def finish(run: Run, start: float) -> RunResult:
         run.dist.barrier()
         return RunResult({}, st.history, run.model)
     run.metrics_file.close()
-    if config.eval.every:  # a last look at the final weights, then keep the best on the validation seeds
-        with run.averaged():
-            accuracy = run.validate()[0]["accuracy"]
-            if accuracy > st.best["accuracy"]:
-                st.best = _snapshot(run.model, st.rollout, accuracy)
+    if config.eval.every:  # keep the best on the validation seeds
+        if st.rollout % config.eval.every:  # the last rollout was not validated (a time budget): look at it now
+            with run.averaged():
+                accuracy = run.validate()[0]["accuracy"]
+                if accuracy > st.best["accuracy"]:
+                    st.best = _snapshot(run.model, st.rollout, accuracy)
         _load_trained_state(run.model, st.best["state"])
     else:  # no validation: the final weights (their moving average, if train.ema_decay)
         if run.ema is not None:

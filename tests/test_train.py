@@ -115,3 +115,26 @@ def test_the_moving_average_is_what_validation_scores_and_what_is_kept(tmp_path,
     assert not all(torch.equal(a, b) for a, b in zip(expected[3], raw[-1]))  # the average is not the last weights
     kept = [p.detach() for p in averaged.model.trainable_parameters()]
     assert all(torch.equal(a, b) for a, b in zip(kept, seen[averaged.summary["best_rollout"]]))
+
+
+def test_each_rollout_is_validated_once(tmp_path, monkeypatch):
+    """Validation runs on the base, then every eval.every rollouts; the end looks again only when the last
+    rollout was not validated (a run stopped early by its time budget, or one whose length is no multiple)."""
+    import gpo_fast.train as loop
+
+    validate, seen = loop.Run.validate, []
+
+    def spy_validate(r):
+        seen.append(r.state.rollout)
+        return validate(r)
+
+    monkeypatch.setattr(loop.Run, "validate", spy_validate)
+    for rollouts, every, expected in ((4, 2, [0, 2, 4]), (3, 2, [0, 2, 3])):
+        seen.clear()
+        cfg = load_config(overrides=[
+            f"out=\"{tmp_path / str(rollouts)}\"", f"train.rollouts={rollouts}", "train.inner_updates=1",
+            "rollout.prompts=2", "rollout.group_size=4", "rollout.steps=2", "eval.samples=20", "eval.steps=2",
+            f"eval.every={every}", "reward.partial_credit=true"])
+        result = train(cfg, log=lambda *a: None)
+        assert seen == expected
+        assert result.summary["best_rollout"] in expected
