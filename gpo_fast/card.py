@@ -19,11 +19,12 @@ LICENSES = {
 TOY_BASE = "gpo-fast toy model (shipped with gpo-fast, Apache-2.0)"
 
 
-
 def _reference(train) -> str:
+    """What the log-ratio was measured against (train.reference_decay)."""
     if not train.reference_decay:
         return "the frozen base"
     return f"a moving average of its own weights (train.reference_decay {train.reference_decay})"
+
 
 def base_model(config: Config) -> str:
     from gpo_fast.models.sd3 import DEFAULT_MODEL
@@ -93,7 +94,8 @@ def model_card(config: Config, summary: dict, folder: Path, grid: str | None) ->
         "## Training",
         "",
         f"- objective `{t.objective}`, beta {t.beta}{' / G' if t.beta_per_member else ''}, lr {t.lr}, optimizer "
-        f"`{t.optimizer}`" + (f", the kept weights a moving average (train.ema_decay {t.ema_decay})" if t.ema_decay else ""),
+        f"`{t.optimizer}`"
+        + (f", the kept weights a moving average (train.ema_decay {t.ema_decay})" if t.ema_decay else ""),
         f"- {summary['rollouts']} rollouts of {ro.prompts} prompts x {ro.group_size} images, {t.inner_updates} "
         f"updates each ({summary['steps']} in all), {ro.steps} sampler steps, CFG {ro.cfg_scale}",
         f"- {'LoRA rank ' + str(config.lora.rank) + ', alpha ' + str(config.lora.alpha) if config.lora.enabled else 'every weight trained'}"

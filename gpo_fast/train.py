@@ -150,10 +150,10 @@ class Run:
         _load_trained_state(self.model, ck["trainable"])
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
-        for name in ("ema", "reference_ema"):
-            if getattr(self, name) is not None:
-                getattr(self, name).load_state_dict(ck[name])
-                getattr(self, name).to(self.model.device)  # the checkpoint's tensors come back on the CPU
+        for name, average in (("ema", self.ema), ("reference_ema", self.reference_ema)):
+            if average is not None:
+                average.load_state_dict(ck[name])
+                average.to(self.model.device)  # the checkpoint's tensors come back on the CPU
         st = self.state
         set_rng_state(ck["rng"], st.generator)
         st.rollout, st.updates = ck["rollout"], ck["updates"]
