@@ -146,3 +146,29 @@ def test_the_toy_ablation_summarizes_one_tuning_change_from_its_csv(tmp_path, ca
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| gpo-per-member")]
     assert [x.split(" | ")[0:2] for x in lines] == [["| gpo-per-member, train.lr=1e-3", "2"],
                                                     ["| gpo-per-member, rollout.steps=12", "2"]]  # one per change
+
+
+def _toy_summary(before: list[float], after: list[float]) -> dict:
+    return {"eval_before": {"accuracy_per_n": {str(n): a for n, a in enumerate(before, 1)}},
+            "eval_after": {"accuracy_per_n": {str(n): a for n, a in enumerate(after, 1)}}}
+
+
+def test_the_toy_ceiling_puts_each_prompt_beside_its_captions(tmp_path, capsys):
+    import json
+
+    spec = importlib.util.spec_from_file_location("toy_ceiling", ROOT / "benchmarks" / "toy_ceiling.py")
+    ceiling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ceiling)
+    before = [0.3, 0.1, 0.2, 0.3, 0.3]
+    for i, five in enumerate((0.2, 0.4)):
+        (tmp_path / f"r{i}").mkdir()
+        (tmp_path / f"r{i}" / "summary.json").write_text(json.dumps(_toy_summary(before, [0.6, 0.4, 0.5, 0.4, five])))
+    assert ceiling.main([str(tmp_path / "r0"), str(tmp_path / "r1")]) == 0
+    out = capsys.readouterr().out
+    # the shipped model's captions (noise 0.5): right 2/3 at the ends, 2/5 for two and four, 1/2 for three
+    assert "| five dots | 66.7% | 30.0% | 30.0% (20.0-40.0) | 0.45 |" in out
+    assert "| two dots | 40.0% | 10.0% | 40.0% (40.0-40.0) | 1.00 |" in out
+    assert "| **mean of the 5 prompts** | 52.7% | 24.0% | 44.0% | 0.84 |" in out
+    (tmp_path / "empty").mkdir()
+    assert ceiling.main([str(tmp_path / "empty")]) == 2
+    assert "summary.json does not exist" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from gpo_fast.toy.evaluate import evaluate_toy
 from gpo_fast.toy.model import SHIPPED, ToyModel
 from gpo_fast.toy.reward import DotCountReward, count_dots
 from gpo_fast.toy.data import MAX_DOTS, count_in_prompt, render_dots
-from gpo_fast.toy.pretrain import PretrainConfig, noisy_captions, pretrain
+from gpo_fast.toy.pretrain import PretrainConfig, caption_posterior, noisy_captions, pretrain
 
 
 def test_rendered_dots_are_counted_exactly():
@@ -58,6 +58,25 @@ def test_noisy_captions_rate_range_and_dropout():
     assert wrong.float().mean().item() == pytest.approx(0.5, abs=0.02)
     assert ((said - counts[kept]).abs()[wrong] == 1).all()
     assert said.min() >= 1 and said.max() <= MAX_DOTS
+
+
+@pytest.mark.parametrize("noise", [0.5, 0.2])
+def test_caption_posterior_matches_the_captions_drawn(noise):
+    """The analytic P(count | caption) is what noisy_captions draws: 60k captions of uniform counts, every cell."""
+    g = torch.Generator().manual_seed(1)
+    counts = torch.randint(1, MAX_DOTS + 1, (60000,), generator=g)
+    rows = noisy_captions(counts, noise=noise, dropout=0.0, generator=g)
+    from gpo_fast.toy.data import PROMPTS
+
+    said = torch.tensor([count_in_prompt(PROMPTS[r]) for r in rows.tolist()])
+    drawn = torch.zeros(MAX_DOTS, MAX_DOTS, dtype=torch.float64)
+    drawn.index_put_((said - 1, counts - 1), torch.ones(len(said), dtype=torch.float64), accumulate=True)
+    drawn /= drawn.sum(dim=1, keepdim=True)
+    expected = caption_posterior(noise)
+    assert torch.allclose(expected.sum(dim=1), torch.ones(MAX_DOTS, dtype=torch.float64))
+    assert (drawn - expected).abs().max().item() < 0.02
+    if noise == 0.5:  # the shipped model's: the end captions are right 2/3 of the time, "two" and "four" 2/5
+        assert expected.diagonal().tolist() == pytest.approx([2 / 3, 0.4, 0.5, 0.4, 2 / 3])
 
 
 def test_pretrain_is_deterministic_for_a_seed():

@@ -48,6 +48,22 @@ def noisy_captions(counts: torch.Tensor, noise: float, dropout: float, generator
     return torch.where(torch.rand(b, generator=generator) < dropout, 0, rows)
 
 
+def caption_posterior(noise: float) -> torch.Tensor:
+    """P(the image has m dots | its caption says n) in the pretraining data, (MAX_DOTS, MAX_DOTS) float64, row n - 1,
+    column m - 1: counts uniform in 1..MAX_DOTS, captioned as `noisy_captions` does (n +- 1 with probability
+    `noise`, a step out of range turned back). Its diagonal is how often a caption's number is right: the accuracy
+    of a model that draws exactly its training data's images for a prompt."""
+    joint = torch.zeros(MAX_DOTS, MAX_DOTS, dtype=torch.float64)  # [caption, count]
+    for count in range(1, MAX_DOTS + 1):
+        joint[count - 1, count - 1] += 1 - noise
+        for step in (-1, 1):
+            shifted = count + step
+            if not 1 <= shifted <= MAX_DOTS:
+                shifted = count - step
+            joint[shifted - 1, count - 1] += noise / 2
+    return joint / joint.sum(dim=1, keepdim=True)
+
+
 def pretrain(config: PretrainConfig, progress=None) -> tuple[ToyModel, list[float]]:
     """Train from scratch; returns the EMA model and the loss of every step."""
     torch.manual_seed(config.seed)
