@@ -114,8 +114,9 @@ class TrainSection(_Section):
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "Keep an exponential moving average of the trained weights (diffusers' EMAModel, updated after every "
-        "optimizer step, its decay warming up as (1 + n) / (10 + n) to this value); validation scores the average "
-        "and the adapter kept is the best average. Rollouts still sample from the trained weights (0: off)."))
+        "optimizer step, its decay warming up as (1 + n) / (10 + n) to this value: over the first 400 updates "
+        "every value from 0.978 up gives the same average); validation scores the average and the adapter kept "
+        "is the best average. Rollouts still sample from the trained weights (0: off)."))
     reference_decay: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "0: the reference is the frozen base model (the paper's). Above 0: the reference is a moving average of "
         "the trained weights, moved toward them by 1 - reference_decay after every optimizer step (about "
