@@ -36,10 +36,13 @@ def _task(config: Config) -> str:
     kind = config.reward.kind
     if kind == "python":
         return f"your own reward, `{config.reward.callable}`"
-    return {"toy-count": "drawing the asked number of dots (the toy world)",
+    task = {"toy-count": "drawing the asked number of dots (the toy world)",
             "yolo-count": f"counting objects (YOLO `{config.reward.detector}`, confidence {config.reward.conf})",
             "ocr-text": "rendering the asked text (easyocr)",
             "composite": f"a weighted mix of rewards {dict(config.reward.weights)}"}[kind]
+    if kind in ("toy-count", "yolo-count") and config.reward.partial_credit:
+        task += ", rewarded with partial credit for a count near the asked one (1 - |count - n| / n)"
+    return task
 
 
 def _snippet(config: Config, folder: Path) -> str:

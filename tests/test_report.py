@@ -143,7 +143,9 @@ def test_the_model_card_front_matter_is_what_the_hub_reads(tmp_path):
     assert (folder / "before_after.png").read_bytes() == grid.read_bytes()
     assert 'pipe.load_lora_weights("' in card.text and "LoRA rank 16" in card.text
     assert "against the frozen base" in card.text  # the SD3.5 presets keep the paper's reference
+    assert "partial credit" not in card.text  # and its exact-count reward
     toy_card = ModelCard.load(write_model_card(folder, load_config(), summary, None))
     toy = toy_card.data.to_dict()
     assert toy["license"] == "apache-2.0" and "base_model" not in toy
     assert "against a moving average of its own weights (train.reference_decay 0.95)" in toy_card.text
+    assert "rewarded with partial credit for a count near the asked one" in toy_card.text  # the toy preset's reward
