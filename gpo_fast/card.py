@@ -41,7 +41,7 @@ def _task(config: Config) -> str:
             "ocr-text": "rendering the asked text (easyocr)",
             "composite": f"a weighted mix of rewards {dict(config.reward.weights)}"}[kind]
     if kind in ("toy-count", "yolo-count") and config.reward.partial_credit:
-        task += ", rewarded with partial credit for a count near the asked one (1 - |count - n| / n)"
+        task += ", rewarded with partial credit for a count near the asked one, max(0, 1 - |count - n| / n)"
     return task
 
 
