@@ -53,15 +53,14 @@ def main(argv=None) -> int:
     print(f"caption_noise {noise}; {len(summaries)} run(s)\n")
     print("| prompt | its captions right (the data) | base model | trained: mean (min-max) | trained / data |")
     print("|---|---|---|---|---|")
-    columns = {"data": [], "before": [], "after": []}
+    after_means = []
     for n in range(1, MAX_DOTS + 1):
         after = [s["eval_after"]["accuracy_per_n"][str(n)] for s in summaries]
-        columns["data"].append(right[n - 1])
-        columns["before"].append(before[str(n)])
-        columns["after"].append(statistics.mean(after))
+        after_means.append(statistics.mean(after))
         print(f"| {prompt_for(n)} | {100 * right[n - 1]:.1f}% | {100 * before[str(n)]:.1f}% | {cell(after)} | "
-              f"{statistics.mean(after) / right[n - 1]:.2f} |")
-    data, base, trained = (statistics.mean(columns[k]) for k in ("data", "before", "after"))
+              f"{after_means[-1] / right[n - 1]:.2f} |")
+    data, trained = statistics.mean(right), statistics.mean(after_means)
+    base = statistics.mean(before[str(n)] for n in range(1, MAX_DOTS + 1))
     print(f"| **mean of the {MAX_DOTS} prompts** | {100 * data:.1f}% | {100 * base:.1f}% | {100 * trained:.1f}% | "
           f"{trained / data:.2f} |")
     print(f"\ngain so far: {100 * (trained - base):+.1f} points; a model that drew its data: {100 * (data - base):+.1f}")
