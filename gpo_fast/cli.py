@@ -80,6 +80,9 @@ def train_cmd(
     resume: Optional[str] = typer.Option(None, metavar="RUN_DIR|latest",
                                          help="Continue a run exactly from its last checkpoint (its config.toml; "
                                               "--set may change only keys that leave the math alone)."),
+    report_to: Optional[str] = typer.Option(None, metavar="TRACKER[,TRACKER]",
+                                            help="Experiment trackers (log.report_to): tensorboard (the default), "
+                                                 "wandb, trackio, mlflow, several joined by commas, or none."),
     debug: bool = typer.Option(False, help="Show the full traceback of an error."),
 ) -> None:
     """Improve a diffusion model at a measurable skill with GPO, from its own samples.
@@ -93,6 +96,8 @@ def train_cmd(
     """
     from gpo_fast.config import VRAM_PRESETS, load_config, smaller_vram
 
+    if report_to is not None:
+        set_ = [*set_, "log.report_to=" + json.dumps([t.strip() for t in report_to.split(",") if t.strip()])]
     if resume is not None:
         return _resume(resume, list(set_))
     if vram is not None and vram not in VRAM_PRESETS:

@@ -191,6 +191,29 @@ class EvalSection(_Section):
         "is a sign of gaming."))
 
 
+class LogSection(_Section):
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow", "none"]] = Field(
+        default_factory=lambda: ["tensorboard"], description=(
+            "Experiment trackers that get the scalars of metrics.jsonl, the sample grids and the resolved config: "
+            "tensorboard (in the run folder), wandb, trackio, mlflow, several, or none (metrics.jsonl is written "
+            "either way). Each but tensorboard is an extra: pip install \"gpo-fast[wandb]\" (docs/tracking.md)."))
+    project: str = Field("gpo-fast", min_length=1, description=(
+        "wandb and trackio: the project the run is logged under; mlflow: the experiment's name."))
+
+    @model_validator(mode="after")
+    def _none_alone(self):
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise ValueError(f"log.report_to = {self.report_to}: 'none' cannot stand beside a tracker; "
+                             "give 'none' alone or only trackers")
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ValueError(f"log.report_to = {self.report_to} names a tracker twice; name each once")
+        return self
+
+    @property
+    def trackers(self) -> list[str]:
+        return [name for name in self.report_to if name != "none"]
+
+
 class Config(_Section):
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto: a GPU if there is one.")
@@ -202,6 +225,7 @@ class Config(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     reward: RewardSection = Field(default_factory=RewardSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    log: LogSection = Field(default_factory=LogSection)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -425,7 +449,7 @@ def describe_config(config: Config) -> str:
 # Keys a resumed run may change: they do not change the math of the updates already made or to come.
 RESUME_HARMLESS = {"out", "train.rollouts", "train.time_budget_s", "train.checkpoint_every", "train.keep_checkpoints",
                    "train.max_bad_updates",
-                   "eval.every", "eval.watch_multiple", "rollout.overlap_scoring"}
+                   "eval.every", "eval.watch_multiple", "rollout.overlap_scoring", "log.report_to", "log.project"}
 
 
 def resume_conflicts(old: Config, new: Config) -> list[str]:

@@ -42,6 +42,7 @@ from gpo_fast.prompts import write_jsonl
 from gpo_fast.rewards.base import RewardResult
 from gpo_fast.report import gain_interval, save_before_after, save_grid, save_reward_curve, write_atomic, write_json
 from gpo_fast.sampling import rollout
+from gpo_fast.tracking import Trackers, check_trackers
 from gpo_fast.update import (degenerate_fraction, gpo_update, loss_spec, make_ema, make_optimizer, make_schedule,
                              swapped_in)
 from gpo_fast.watch import DriftWatch, reward_climbing
@@ -104,7 +105,7 @@ class Run:
     state: LoopState
     log: Callable
     precision: Callable  # bf16 autocast on a GPU
-    writer: object = None  # TensorBoard, rank 0
+    trackers: Trackers | None = None  # log.report_to (TensorBoard by default), rank 0
     metrics_file: object = None  # metrics.jsonl, rank 0
     validator: Evaluator | None = None  # the val prompts' evaluator; None: the evaluator on the validation seed
     ema: object = None  # diffusers' EMAModel of the trained weights (train.ema_decay), or None
@@ -199,8 +200,7 @@ def train(config: Config, log=print, progress=None, on_update=None, resume: Path
 
 def setup(config: Config, log, resume: Path | None) -> Run:
     """Seeds, devices, the checkpoint to resume, prompts, reward, model, optimizer; then the run folder."""
-    import torch.utils.tensorboard  # noqa: F401 - a missing tensorboard fails here, before anything is written
-
+    check_trackers(config)  # a tracker whose package is missing fails here, before anything is written
     torch.manual_seed(config.seed)
     dist = Dist.from_env()  # one process, or one per GPU under `accelerate launch`
     if config.rollout.prompts % dist.world:
@@ -230,6 +230,8 @@ def setup(config: Config, log, resume: Path | None) -> Run:
     if checkpoint is not None:
         run.restore(checkpoint)
         log(f"resumed from {resume} (rollout {run.state.rollout}, {run.state.updates} updates)")
+    if run.main:  # before the first evaluation: a tracker that cannot start stops the run at once
+        run.trackers = Trackers(config, run.out, resume_step=None if checkpoint is None else run.state.rollout)
     return run
 
 
@@ -249,9 +251,6 @@ def begin(run: Run, resume: Path | None) -> None:
             st.best = _snapshot(run.model, st.rollout, metrics["accuracy"])
         st.val_start = metrics["accuracy"] if st.rollout == 0 else st.val_start
         st.watch = DriftWatch(metrics["image_stats"], ev.watch_multiple)
-    from torch.utils.tensorboard import SummaryWriter
-
-    run.writer = SummaryWriter(str(run.out / "tensorboard"), purge_step=st.rollout + 1)  # a resume drops later events
     run.metrics_file = (run.out / "metrics.jsonl").open("a" if resume is not None else "w")
 
 
@@ -350,14 +349,14 @@ def record(run: Run, batch: Batch, stats: list[dict], grad_norm: float, seconds:
         if "watch_reward_mean" in metrics:
             row["val_watch_reward"] = metrics["watch_reward_mean"]
         _watch(run, row, metrics)
-        save_grid(val_tiles.head(50), run.out / "samples" / f"rollout-{st.rollout:05d}.png",
-                  f"rollout {st.rollout}: validation accuracy {100 * metrics['accuracy']:.1f}%")
+        grid = run.out / "samples" / f"rollout-{st.rollout:05d}.png"
+        save_grid(val_tiles.head(50), grid, f"rollout {st.rollout}: validation accuracy {100 * metrics['accuracy']:.1f}%")
     run.metrics_file.write(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v
                                        for k, v in row.items()}) + "\n")
     run.metrics_file.flush()
-    for k, v in row.items():
-        if isinstance(v, (int, float)) and math.isfinite(v):
-            run.writer.add_scalar(k, v, st.rollout)
+    run.trackers.log(row, st.rollout)
+    if "val_accuracy" in row:
+        run.trackers.log_image("samples/validation", grid, st.rollout)
     return row
 
 
@@ -422,10 +421,13 @@ def finish(run: Run, start: float) -> RunResult:
     for key, name in run.evaluator.headline.items():  # what this evaluator reports beside accuracy
         summary.update({f"{name}_before": st.before[key], f"{name}_after": after[key]})
     write_json(run.out / "summary.json", summary)
-    run.writer.close()
     save_before_after(st.before_tiles, after_tiles, run.out / "before_after.png", st.before, after)
     save_reward_curve(st.history, run.out / "reward_curve.png", val_start=st.val_start, before=st.before["accuracy"],
                       after=after["accuracy"], kept_rollout=st.best["rollout"])
+    run.trackers.log({f"final/{k}": v for k, v in summary.items() if k.startswith(("accuracy_", "gain"))}, st.rollout)
+    for picture in ("before_after", "reward_curve"):
+        run.trackers.log_image(f"final/{picture}", run.out / f"{picture}.png", st.rollout)
+    run.trackers.finish()
     write_model_card(run.out / ("adapter" if config.lora.enabled else "model"), config, summary,
                      run.out / "before_after.png")
     run.dist.barrier()

@@ -17,7 +17,7 @@ LAYERS = {
         "rewards.text", "rewards.composite", "rewards.python", "toy", "toy.data", "toy.model", "toy.reward",
         "toy.evaluate", "toy.pretrain", "sampling", "prompts", "watch", "evaluate"],
     4: ["components"],
-    5: ["update", "train", "report", "card", "tuned", "plan"],
+    5: ["update", "train", "report", "card", "tuned", "plan", "tracking"],
     6: ["cli", "doctor"],
 }
 LAYER = {("gpo_fast." + m).rstrip("."): layer for layer, mods in LAYERS.items() for m in mods}
