@@ -38,6 +38,7 @@ import torch
 
 from gpo_fast.config import Config
 from gpo_fast.errors import InputError
+from gpo_fast.flops import flop_counter
 
 GIB = 1024 ** 3
 BLOCK = 512  # the CUDA caching allocator rounds every allocation up to 512 B
@@ -264,13 +265,19 @@ class Plan:
     def _flops(self, name: str) -> int:
         return sum(p.flops for p in self.phases if p.name == name)
 
+    def _flops_json(self) -> dict:
+        """Per rollout (sampling and decoding), per update, and the sampler's share of a rollout and its updates."""
+        rollout, update = self._flops("rollout") + self._flops("decode"), self._flops("update")
+        both = rollout + self.config.train.inner_updates * update
+        return {"rollout": rollout, "update": update, "sampler_share": rollout / both if both else None}
+
     def to_json(self, card: Card | None = None) -> dict:
         out = {
             "peak_bytes": self.peak_bytes,
             "phases": {p.name: p.peak_bytes for p in self.phases},
             "holders": {p.name: p.holders for p in self.phases},
             "largest_temporaries": {p.name: [{"bytes": b, "what": w} for b, w in p.largest] for p in self.phases},
-            "flops": {"rollout": self._flops("rollout") + self._flops("decode"), "update": self._flops("update")},
+            "flops": self._flops_json(),
             "images_per_rollout": self.images_per_rollout,
             "card": None, "fits": None,
             "margin": {"context_bytes": MARGIN_CONTEXT, "allocator_fraction": MARGIN_FRACTION},
@@ -321,24 +328,6 @@ def _optimizer_bytes(params: list[torch.nn.Parameter], optimizer: str) -> int:
         else:
             total += 8 * n
     return total
-
-
-def flop_counter():
-    """FlopCounterMode that also counts attention on the CPU: torch's table knows the CUDA attention kernels,
-    not `_scaled_dot_product_flash_attention_for_cpu` (forward and backward), which the trace runs."""
-    from torch.utils import flop_counter as fc
-
-    aten = torch.ops.aten
-
-    def forward(query, key, value, *args, out_shape=None, **kwargs):
-        return fc.sdpa_flop_count(query, key, value)
-
-    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
-        return fc.sdpa_backward_flop_count(grad_out, query, key, value)
-
-    return fc.FlopCounterMode(display=False, custom_mapping={
-        aten._scaled_dot_product_flash_attention_for_cpu: forward,
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward})
 
 
 # CUDA's autocast runs these in fp32 and the CPU's does not (torch/include/ATen/autocast_mode.h, AT_FORALL_FP32
@@ -593,6 +582,10 @@ def render(result: Plan, card: Card | None = None) -> str:
     lines += ["", f"  peak over the run {result.peak_bytes / GIB:.2f} GiB; FLOPs per rollout "
                   f"{out['flops']['rollout'] / 1e12:.1f} T (sampling and decoding), per update "
                   f"{out['flops']['update'] / 1e12:.1f} T"]
+    if out["flops"]["sampler_share"] is not None:
+        lines.append(f"  the sampler is {out['flops']['sampler_share']:.0%} of a rollout and its "
+                     f"{result.config.train.inner_updates} updates (guidance doubles its forwards: "
+                     "rollout.cfg_scale = 1 runs one per step)")
     if card is not None:
         budget = out["budget_bytes"]
         verdict = "fits" if out["fits"] else "does NOT fit"

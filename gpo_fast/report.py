@@ -165,6 +165,14 @@ def reward_curve_figure(history: list[dict], *, val_start: float | None = None, 
     ax.set_xlabel("rollout")
     ax.set_ylabel("reward, accuracy")
     ax.set_xlim(left=0)
+    if history and all(h.get("flops") is not None for h in history):  # a second x-axis: the training compute so far
+        import numpy as np
+
+        rollouts = np.array([0.0] + [float(h["rollout"]) for h in history])
+        flops = np.array([0.0] + [h["flops"] / 1e12 for h in history])  # TFLOP, increasing with the rollout
+        top = ax.secondary_xaxis("top", functions=(lambda r: np.interp(r, rollouts, flops),
+                                                   lambda f: np.interp(f, flops, rollouts)))
+        top.set_xlabel("training compute, TFLOP (rollouts and updates)")
     right = ax.twinx()
     degenerate = [h.get("degenerate_fraction") for h in history]
     right.plot(x, [math.nan if d is None else d for d in degenerate], color="#b0b0b0", linewidth=1,

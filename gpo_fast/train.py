@@ -38,6 +38,7 @@ from gpo_fast.config import VALIDATION_SEED_OFFSET, Config, dump_config, resume_
 from gpo_fast.distributed import Dist
 from gpo_fast.errors import InputError, UserError
 from gpo_fast.evaluate import Evaluator, Tiles
+from gpo_fast.flops import UnitFlops, measure_unit_flops
 from gpo_fast.prompts import write_jsonl
 from gpo_fast.rewards.base import RewardResult
 from gpo_fast.report import gain_interval, save_before_after, save_grid, save_reward_curve, write_atomic, write_json
@@ -47,6 +48,7 @@ from gpo_fast.update import (degenerate_fraction, gpo_update, loss_spec, make_em
                              swapped_in)
 from gpo_fast.watch import DriftWatch, reward_climbing
 
+FLOP_KINDS = ("rollout", "update", "eval")  # sampling the rollouts; the updates; evaluations and validations
 DEGENERATE_WARN_AFTER = 5  # rollouts in a row with >= 90% degenerate groups before the loop says so
 
 
@@ -77,6 +79,7 @@ class LoopState:
     best: dict | None = None  # {"rollout", "accuracy" (validation), "state" (the trained weights)}
     history: list[dict] = field(default_factory=list)  # the metrics rows so far
     watch: DriftWatch | None = None  # the reward-hacking watch, from the base model's validation
+    flops: dict = field(default_factory=lambda: dict.fromkeys(FLOP_KINDS, 0))  # cumulative, all processes
 
 
 @dataclass
@@ -110,6 +113,7 @@ class Run:
     validator: Evaluator | None = None  # the val prompts' evaluator; None: the evaluator on the validation seed
     ema: object = None  # diffusers' EMAModel of the trained weights (train.ema_decay), or None
     reference_ema: object = None  # the moving reference (train.reference_decay), or None: the frozen base
+    unit_flops: UnitFlops | None = None  # the model's unit FLOPs (gpo_fast.flops), measured at setup
 
     @property
     def main(self) -> bool:
@@ -120,7 +124,17 @@ class Run:
         return self.model.trainable_parameters()
 
     def validate(self) -> tuple[dict, torch.Tensor]:
+        self._count_evaluation()
         return (self.validator or self.evaluator)(self.model, self.config.eval.seed + VALIDATION_SEED_OFFSET)
+
+    def held_out(self) -> tuple[dict, torch.Tensor]:
+        """The held-out evaluation (eval.seed): the gain is measured on it."""
+        self._count_evaluation()
+        return self.evaluator(self.model, self.config.eval.seed)
+
+    def _count_evaluation(self) -> None:
+        ev = self.config.eval
+        self.state.flops["eval"] += self.unit_flops.sampling(ev.samples, ev.steps, ev.cfg_scale)
 
     @contextlib.contextmanager
     def averaged(self):
@@ -143,7 +157,7 @@ class Run:
             "watch": None if st.watch is None else {"base": st.watch.base, "warning": st.watch.warning,
                                                     "max_drift": st.watch.max_drift},
             "counters": {"skipped_updates": st.skipped_updates, "bad_updates_in_a_row": st.bad_updates_in_a_row,
-                         "degenerate_streak": st.degenerate_streak},
+                         "degenerate_streak": st.degenerate_streak, "flops": dict(st.flops)},
         }, keep=self.config.train.keep_checkpoints)
 
     def restore(self, ck: dict) -> None:
@@ -164,6 +178,7 @@ class Run:
         st.skipped_updates = counters.get("skipped_updates", 0)
         st.bad_updates_in_a_row = counters.get("bad_updates_in_a_row", 0)
         st.degenerate_streak = counters.get("degenerate_streak", 0)
+        st.flops = {**dict.fromkeys(FLOP_KINDS, 0), **counters.get("flops", {})}
         st.history = _metrics_until(self.out / "metrics.jsonl", st.rollout) if self.main else []
         if ck.get("watch"):
             st.watch = DriftWatch(ck["watch"]["base"], self.config.eval.watch_multiple)
@@ -217,7 +232,8 @@ def setup(config: Config, log, resume: Path | None) -> Run:
               LoopState(torch.Generator().manual_seed(config.seed)), log, autocast_for(device),
               validator=build_evaluator(config, task, device, split="val") if task.val_prompts else None,
               ema=make_ema(model.trainable_parameters(), config.train.ema_decay),
-              reference_ema=make_ema(model.trainable_parameters(), config.train.reference_decay, warmup=False))
+              reference_ema=make_ema(model.trainable_parameters(), config.train.reference_decay, warmup=False),
+              unit_flops=measure_unit_flops(model, task.train_prompts[0].text, autocast_for(device)))
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
         write_atomic(run.out / "config.toml", dump_config(config))
@@ -241,7 +257,7 @@ def begin(run: Run, resume: Path | None) -> None:
         return
     st, ev = run.state, run.config.eval
     if resume is None:
-        st.before, tiles = run.evaluator(run.model, ev.seed)
+        st.before, tiles = run.held_out()
         st.before_tiles = tiles.head(50)  # all a grid shows
         run.log(f"before: accuracy {st.before['accuracy']:.3f} +- {st.before['accuracy_stderr']:.3f} on "
                 f"{ev.samples} held-out samples")
@@ -270,6 +286,7 @@ def sample_and_score(run: Run) -> Batch:
     def score(images, start):  # one finished batch, in a worker thread while the next is drawn (overlap_scoring)
         return reward.measure(images, per_sample[start:start + len(images)])
 
+    run.state.flops["rollout"] += run.unit_flops.sampling(ro.prompts * ro.group_size, ro.steps, ro.cfg_scale)
     with run.precision():
         _, x0, _, parts = rollout(run.model, [p.text for p in prompts], ro.group_size, steps=ro.steps,
                                   cfg_scale=ro.cfg_scale, generator=gen, batch_size=ro.batch_size, noise=noise,
@@ -335,6 +352,10 @@ def record(run: Run, batch: Batch, stats: list[dict], grad_norm: float, seconds:
         "grad_norm": grad_norm, "lr": run.sched.get_last_lr()[0], "step_seconds": seconds,
         "reward_failures": batch.failed, "skipped_updates": st.skipped_updates,
     }
+    passes = dist.sum(torch.tensor([sum(s["forward_samples"] for s in stats), sum(s["train_samples"] for s in stats)]))
+    st.flops["update"] += run.unit_flops.update(int(passes[0]), int(passes[1]))
+    row.update(flops=st.flops["rollout"] + st.flops["update"], flops_rollout=st.flops["rollout"],
+               flops_update=st.flops["update"])
     st.history.append(row)
     _warn_if_degenerate(run, row, len(every_reward))
     if not run.main:
@@ -351,6 +372,7 @@ def record(run: Run, batch: Batch, stats: list[dict], grad_norm: float, seconds:
         _watch(run, row, metrics)
         grid = run.out / "samples" / f"rollout-{st.rollout:05d}.png"
         save_grid(val_tiles.head(50), grid, f"rollout {st.rollout}: validation accuracy {100 * metrics['accuracy']:.1f}%")
+    row["flops_eval"] = st.flops["eval"]
     run.metrics_file.write(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v
                                        for k, v in row.items()}) + "\n")
     run.metrics_file.flush()
@@ -405,7 +427,7 @@ def finish(run: Run, start: float) -> RunResult:
         run.model.save_adapter(run.out / "adapter")
     else:
         run.model.save_pretrained(run.out / "model")
-    after, after_tiles = run.evaluator(run.model, config.eval.seed)
+    after, after_tiles = run.held_out()
     summary = {
         "accuracy_before": st.before["accuracy"], "accuracy_after": after["accuracy"],
         **gain_interval(st.before, after),
@@ -417,6 +439,9 @@ def finish(run: Run, start: float) -> RunResult:
         "validation": run.task.validation if config.eval.every else "none (eval.every = 0: the final weights)",
         "watch": None if st.watch is None else {"max_drift": st.watch.max_drift, "warning": st.watch.warning,
                                                 "base": st.watch.base},
+        "flops": {**st.flops, "train": st.flops["rollout"] + st.flops["update"],
+                  "train_to_kept": next((h["flops"] for h in st.history if h["rollout"] == st.best["rollout"]), 0),
+                  "unit": run.unit_flops.to_json()},
     }
     for key, name in run.evaluator.headline.items():  # what this evaluator reports beside accuracy
         summary.update({f"{name}_before": st.before[key], f"{name}_after": after[key]})

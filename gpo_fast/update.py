@@ -135,25 +135,28 @@ def gpo_update(model: DiffusionModel, x0, prompts: list[str], rewards, config: C
         n_valid = valid.sum().float()
         scale = (n_valid / dist.sum(n_valid).clamp(min=1.0)).item()
     embeds = model.encode_prompts(prompts)
-    loss, policy_err, ref_err = forward_backward(model, x_s, s, u, embeds, rewards, spec, config.train.micro_batch,
-                                                 scale, valid.tolist(), reference)
+    loss, policy_err, ref_err, passes = forward_backward(model, x_s, s, u, embeds, rewards, spec,
+                                                         config.train.micro_batch, scale, valid.tolist(), reference)
     d = policy_err - ref_err
     return {"loss": loss.item() * scale, "mean_abs_d": d.abs().mean().item(),
-            "implicit_acc": implicit_reward_accuracy(d, rewards, spec.group_size)}
+            "implicit_acc": implicit_reward_accuracy(d, rewards, spec.group_size), **passes}
 
 
 def forward_backward(model: DiffusionModel, x_s, s, u, embeds, rewards, spec: LossSpec, micro_batch: int,
                      scale: float, valid: list[bool], reference=None):
     """The reference errors, the policy passes and the backward of one update: (loss, policy errors, reference
-    errors). Every branch is on Python values (`valid`: the non-degenerate groups), none on tensor data, so
-    gpo_fast.plan runs this same code on fake tensors."""
+    errors, passes); `passes` counts the samples through a forward alone (`forward_samples`) and through a forward
+    and backward (`train_samples`), for gpo_fast.flops. Every branch is on Python values (`valid`: the
+    non-degenerate groups), none on tensor data, so gpo_fast.plan runs this same code on fake tensors."""
     n = x_s.shape[0]
     mb = micro_batch if 0 < micro_batch < n else n
     chunks = [slice(i, i + mb) for i in range(0, n, mb)]
     with torch.no_grad(), (model.reference() if reference is None else reference):  # each prediction dies at once
         ref_err = torch.cat([sample_mse(model.predict(x_s[c], s[c], embeds[c]), u[c]) for c in chunks])
     if mb % spec.group_size == 0:  # whole groups per pass (the whole batch included): the fused loss per chunk
-        loss, policy_err = _whole_group_passes(model, x_s, s, u, embeds, ref_err, rewards, spec, chunks, scale, valid)
+        loss, policy_err, trained = _whole_group_passes(model, x_s, s, u, embeds, ref_err, rewards, spec, chunks,
+                                                        scale, valid)
+        passes = {"forward_samples": 2 * n - trained, "train_samples": trained}
     else:  # a pass cuts through groups: every policy error first, then the coefficients of the whole batch
         with torch.no_grad():
             policy_err = torch.cat([sample_mse(model.predict(x_s[c], s[c], embeds[c]), u[c]) for c in chunks])
@@ -161,7 +164,8 @@ def forward_backward(model: DiffusionModel, x_s, s, u, embeds, rewards, spec: Lo
         for c in chunks:
             pred = model.predict(x_s[c], s[c], embeds[c])
             (scale * coef[c] * sample_mse(pred, u[c])).sum().backward()
-    return loss, policy_err, ref_err
+        passes = {"forward_samples": 2 * n, "train_samples": n}
+    return loss, policy_err, ref_err, passes
 
 
 def _whole_group_passes(model, x_s, s, u, embeds, ref_err, rewards, spec: LossSpec, chunks: list[slice], scale: float,
@@ -170,9 +174,9 @@ def _whole_group_passes(model, x_s, s, u, embeds, ref_err, rewards, spec: LossSp
     chunk runs the fused loss once, weighted by its share of the non-degenerate groups (known from the rewards
     before any forward). A chunk without a non-degenerate group has no gradient: its errors are taken under
     no_grad (for the logged statistics) and nothing is kept for a backward. Same gradient as the whole batch
-    (a zero one, as before, when no group has a loss)."""
+    (a zero one, as before, when no group has a loss). Returns (loss, policy errors, samples trained on)."""
     n_valid = max(sum(valid), 1)
-    loss, errors = torch.zeros((), device=ref_err.device), []
+    loss, errors, trained = torch.zeros((), device=ref_err.device), [], 0
     for c in chunks:
         in_chunk = sum(valid[c.start // spec.group_size:c.stop // spec.group_size])
         share = in_chunk / n_valid
@@ -185,7 +189,8 @@ def _whole_group_passes(model, x_s, s, u, embeds, ref_err, rewards, spec: LossSp
         (chunk_loss * (share * scale)).backward()
         loss = loss + chunk_loss.detach() * share
         errors.append(err)
+        trained += x_s[c].shape[0]
     if not any(valid):  # no group has a loss: a zero gradient, as a backward of the zero loss would give
         for p in model.trainable_parameters():
             p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-    return loss, torch.cat(errors)
+    return loss, torch.cat(errors), trained

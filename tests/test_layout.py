@@ -15,7 +15,7 @@ LAYERS = {
     2: ["objective", "kernels", "kernels.mse", "kernels.gpo", ""],  # "": gpo_fast/__init__ re-exports the loss
     3: ["models", "models.base", "models.sd3", "models.testing", "rewards", "rewards.base", "rewards.counting",
         "rewards.text", "rewards.composite", "rewards.python", "toy", "toy.data", "toy.model", "toy.reward",
-        "toy.evaluate", "toy.pretrain", "sampling", "prompts", "watch", "evaluate"],
+        "toy.evaluate", "toy.pretrain", "sampling", "prompts", "watch", "evaluate", "flops"],
     4: ["components"],
     5: ["update", "train", "report", "card", "tuned", "plan", "tracking"],
     6: ["cli", "doctor"],

@@ -12,8 +12,9 @@ import torch
 
 from gpo_fast.config import VRAM_PRESETS, load_config
 from gpo_fast.models.testing import build_tiny_sd3
+from gpo_fast.flops import flop_counter
 from gpo_fast.plan import (CARDS, CUDA_FP32_OPS, CUDA_FP32_SET_OPT_DTYPE_OPS, GIB, Card, Plan, cuda_autocast_rules,
-                           flop_counter, plan, trace_phase)
+                           plan, trace_phase)
 
 GPO_FAST = str(Path(sys.executable).with_name("gpo-fast"))
 
@@ -171,6 +172,9 @@ def test_the_cli_prints_json_with_the_card_verdict(tiny):
     assert set(got["phases"]) == {"encode", "rollout", "decode", "update"}
     assert got["peak_bytes"] == max(got["phases"].values()) and got["card"] == "rtx3090" and got["fits"] is True
     assert got["flops"]["rollout"] > 0 and got["flops"]["update"] > 0
+    inner = load_config(preset="sd35m-counting").train.inner_updates
+    assert got["flops"]["sampler_share"] == pytest.approx(
+        got["flops"]["rollout"] / (got["flops"]["rollout"] + inner * got["flops"]["update"]))
     assert all(t["bytes"] > 0 and t["what"] for t in got["largest_temporaries"]["update"])
 
 

@@ -101,6 +101,29 @@ def test_a_micro_batch_of_degenerate_groups_adds_nothing_and_the_gradient_stays_
     assert stats["loss"] == 0 and all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.trainable_parameters())
 
 
+@pytest.mark.parametrize("micro_batch, degenerate", [(0, False), (4, False), (4, True), (3, False), (3, True)])
+def test_the_passes_an_update_reports_are_the_passes_it_runs(micro_batch, degenerate, monkeypatch):
+    """gpo_fast.flops counts an update by the samples it reports through a forward alone and through a forward
+    and backward: those are the samples predict() saw without and with gradients."""
+    model = _lora_model()
+    seen = {False: 0, True: 0}
+    real_predict = model.predict
+
+    def predict(x, *args):
+        seen[torch.is_grad_enabled()] += x.shape[0]
+        return real_predict(x, *args)
+
+    monkeypatch.setattr(model, "predict", predict)
+    x0, prompts, rewards = _batch()
+    if degenerate:
+        rewards[4:] = 1.0  # the second group has no loss: with whole groups it is only a forward
+    cfg = load_config(overrides=[f"train.micro_batch={micro_batch}", "rollout.group_size=4", "train.beta=50"])
+    stats = gpo_update(model, x0, prompts, rewards, cfg, torch.Generator().manual_seed(5))
+    assert (stats["forward_samples"], stats["train_samples"]) == (seen[False], seen[True])
+    expected_trained = 4 if degenerate and micro_batch == 4 else 8
+    assert stats["train_samples"] == expected_trained
+
+
 def test_reference_pass_is_the_base_model():
     torch.manual_seed(0)
     base = ToyModel()
