@@ -301,13 +301,19 @@ def config_cmd(
     config_file: Optional[Path] = typer.Argument(None, metavar="[CONFIG]", help="A TOML config to resolve."),
     preset: str = typer.Option("toy", help="The preset to start from: toy, sd35m-counting, sd35m-text."),
     set_: list[str] = typer.Option([], "--set", metavar="SECTION.KEY=VALUE", help="Override one key (repeatable)."),
+    markdown: bool = typer.Option(False, help="Print the configuration reference instead (every key's type, default, "
+                                              "allowed values and meaning; every preset with its reasons): "
+                                              "docs/config.md."),
 ) -> None:
     """Print the resolved config: every key, its value and what it means (TOML; a valid config file).
 
     Every key can be set in a TOML file passed to `gpo-fast train CONFIG` or with --set section.key=value.
     """
-    from gpo_fast.config import describe_config, load_config
+    from gpo_fast.config import config_markdown, describe_config, load_config
 
+    if markdown:
+        typer.echo(config_markdown(), nl=False)
+        return
     typer.echo(describe_config(load_config(config_file, preset, list(set_))), nl=False)
 
 

@@ -73,8 +73,8 @@ class DataSection(_Section):
 
 class LoraSection(_Section):
     enabled: bool = Field(True, description="Train a LoRA adapter (false: fine-tune every weight).")
-    rank: int = Field(8, ge=1, le=1024)
-    alpha: float = Field(8.0, gt=0)
+    rank: int = Field(8, ge=1, le=1024, description="Rank of the LoRA matrices.")
+    alpha: float = Field(8.0, gt=0, description="LoRA scale numerator: the update is (alpha / rank) * B A.")
     targets: list[str] = Field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                                  "to_add_out"],
@@ -96,7 +96,9 @@ class RolloutSection(_Section):
 class TrainSection(_Section):
     rollouts: int = Field(60, ge=1, description="Rollout rounds (each: sample, score, then inner updates).")
     inner_updates: int = Field(4, ge=1, description="Optimizer updates per rollout, each with fresh noise.")
-    objective: Literal["gpo", "gpo-pairs", "dpo"] = "gpo"
+    objective: Literal["gpo", "gpo-pairs", "dpo"] = Field("gpo", description=(
+        "gpo: one loss per group, the standardized rewards weighting each member's log-ratio; gpo-pairs: every pair "
+        "of a group, weighted by its advantage gap; dpo: the best against the worst member (docs/method.md)."))
     beta: float = Field(1000.0, gt=0, le=1e7, description=(
         "Sharpness of l(z) = softplus(beta * z), z the group's reward-weighted log-ratio. At G = 2 this is the "
         "diffusers Diffusion-DPO example's beta_dpo at the same value; the original Diffusion-DPO code writes "
@@ -105,13 +107,16 @@ class TrainSection(_Section):
         "Use beta / G: gpo's sum over the G members grows with G (about sqrt(G) for the same spread), so a beta "
         "tuned at one group size is sharper at a larger one; divided by G it is not (the form of DGPO's "
         "objective, docs/method.md)."))
-    eps_std: float = Field(1e-6, ge=0)
+    eps_std: float = Field(1e-6, ge=0, description="Added to a group's reward std before dividing by it.")
     min_std: float = Field(1e-6, gt=0, description="Groups whose reward std is below this are skipped.")
-    lr: float = Field(3e-3, gt=0, le=1.0)
-    optimizer: Literal["adamw8bit", "adamw"] = "adamw8bit"
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_updates: int = Field(0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
+    lr: float = Field(3e-3, gt=0, le=1.0, description="Peak learning rate.")
+    optimizer: Literal["adamw8bit", "adamw"] = Field(
+        "adamw8bit", description="adamw8bit: bitsandbytes' AdamW with 8-bit states (a quarter of the memory); adamw: "
+                                 "PyTorch's.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="constant, or cosine decay to 0 over train.rollouts x train.inner_updates updates.")
+    warmup_updates: int = Field(0, ge=0, description="Raise the lr linearly over this many updates (0: none).")
+    grad_clip: float = Field(1.0, gt=0, description="Clip the gradient's global norm to this.")
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "Keep an exponential moving average of the trained weights (diffusers' EMAModel, updated after every "
         "optimizer step, its decay warming up as (1 + n) / (10 + n) to this value: over the first 400 updates "
@@ -123,10 +128,13 @@ class TrainSection(_Section):
         "1 / (1 - reference_decay) updates behind), so the log-ratio measures the policy against its own recent "
         "past: the soft reference update of TR-DPO (TRL's sync_ref_model), after every step."))
     micro_batch: int = Field(0, ge=0, description="Samples per forward/backward; 0 = the whole rollout at once.")
-    sigma_dist: Literal["logit-normal", "uniform", "schedule"] = "logit-normal"
-    sigma_min: float = Field(0.02, ge=0.0, lt=1.0)
-    sigma_max: float = Field(0.98, gt=0.0, le=1.0)
-    gradient_checkpointing: bool = False
+    sigma_dist: Literal["logit-normal", "uniform", "schedule"] = Field(
+        "logit-normal", description="Noise levels of the updates: logit-normal (SD3's training distribution), "
+                                    "uniform, or schedule (the rollout sampler's own levels).")
+    sigma_min: float = Field(0.02, ge=0.0, lt=1.0, description="No update below this noise level (levels are clamped).")
+    sigma_max: float = Field(0.98, gt=0.0, le=1.0, description="No update above this noise level (levels are clamped).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, about a third more compute.")
     time_budget_s: float = Field(0.0, ge=0.0, description="Stop rolling out after this many seconds (0: no limit).")
     checkpoint_every: int = Field(10, ge=0, description="Write a full training checkpoint every this many rollouts "
                                                         "(0: never); `gpo-fast train --resume RUN` continues from it.")
@@ -147,7 +155,7 @@ class RewardSection(_Section):
                                  "python (your own, see `callable`) or composite (weighted sum, see `weights`).")
     callable: Optional[str] = Field(None, description=(
         "python: 'package.module:factory' or 'path/to/file.py:factory'; the factory gets reward.options (a dict) "
-        "and returns an object with measure(images, prompts) -> RewardResult (README, 'Your own reward'). "
+        "and returns an object with measure(images, prompts) -> RewardResult (docs/rewards.md, 'Your own reward'). "
         "Loading it runs its code, as loading a YOLO .pt does: use only code you trust."))
     options: dict[str, Any] = Field(default_factory=dict, description="python: the table passed to the factory.")
     min_size: int = Field(1, ge=1, description="toy-count: ignore components smaller than this (pixels); 1 = strict.")
@@ -178,8 +186,8 @@ class RewardSection(_Section):
 class EvalSection(_Section):
     samples: int = Field(1000, ge=10, description="Held-out samples per evaluation.")
     every: int = Field(20, ge=0, description="Evaluate every this many rollouts (0: only before and after).")
-    steps: int = Field(12, ge=1, le=1000)
-    cfg_scale: float = Field(2.0, ge=1.0, le=30.0)
+    steps: int = Field(12, ge=1, le=1000, description="Euler steps of the sampler in evaluations.")
+    cfg_scale: float = Field(2.0, ge=1.0, le=30.0, description="Classifier-free guidance scale in evaluations.")
     seed: int = Field(10_000, description="Seed of the held-out noise (disjoint from training seeds).")
     watch_multiple: float = Field(1.0, ge=0.0, description=(
         "Reward-hacking watch: warn once when an image statistic the reward does not see (brightness, saturation, "
@@ -215,7 +223,7 @@ class LogSection(_Section):
 
 
 class Config(_Section):
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the rollouts, the noise and the adapter's initial weights.")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto: a GPU if there is one.")
     out: str = Field("runs/gpo-toy", description="Run folder.")
     model: ModelSection = Field(default_factory=ModelSection)
@@ -251,43 +259,17 @@ class Config(_Section):
         return self
 
 
-# Each preset value carries the reason it was chosen. The toy preset's values were measured on the toy
-# world (README, Results); the SD3.5 presets follow published SD3.5-Medium RL fine-tunes (Flow-GRPO,
-# DGPO: 512 px, CFG 4.5, 10 rollout steps, LoRA rank 32) until a GPU measurement in this project says
-# otherwise (`gpo-fast config --preset NAME` prints them with every key's meaning).
+# The presets. Each value set by a preset has its reason in PRESET_WHY below (docs/config.md prints both,
+# `gpo-fast config --markdown`). The toy preset's values were measured on the toy world (docs/results/toy.md);
+# the SD3.5 presets follow published SD3.5-Medium RL fine-tunes (Flow-GRPO, DGPO: 512 px, CFG 4.5, 10
+# rollout steps, LoRA rank 32) until a GPU measurement in this project says otherwise.
 _SD35M = {
-    "model": {
-        "kind": "sd3",
-        "path": "stabilityai/stable-diffusion-3.5-medium",
-        "resolution": 512,      # the paper's neighbours train SD3.5-M at 512 px; 4x cheaper than 1024
-        "t5": "full",           # prompts are encoded once and T5 leaves the GPU: quality at no training cost
-    },
-    # Flow-GRPO's rank on SD3.5-M (it wraps the attn projections only; ours also SD3.5's second
-    # attention, attn2); alpha = rank keeps the scale at 1
+    "model": {"kind": "sd3", "path": "stabilityai/stable-diffusion-3.5-medium", "resolution": 512, "t5": "full"},
     "lora": {"rank": 32, "alpha": 32.0},
-    "rollout": {
-        "prompts": 4,           # 4 groups x 8 = 32 images per rollout: one consumer-GPU sampling batch of 8 at a time
-        "group_size": 8,        # GPO needs spread inside a group; 8 keeps degenerate groups rare at ~30-60% accuracy
-        "steps": 10,            # rollout quality is only needed for ranking; Flow-GRPO samples with 10
-        "cfg_scale": 4.5,       # SD3.5-M's recommended guidance
-        "batch_size": 8,        # one group per sampler forward: bounded memory
-    },
-    "train": {
-        "rollouts": 300,        # 9,600 images (~96 per train prompt at 384 counting prompts): a few GPU-hours at 512 px
-        "inner_updates": 2,     # fresh noise per update: 2 passes over each rollout before it goes stale
-        "objective": "gpo",     # the method; on the toy world (README) ahead of dpo on average and steadier over seeds
-        "beta": 1000.0,         # the toy world's measured default; the diffusers Diffusion-DPO example's default
-                                # beta_dpo is 2500 in this same convention (docs/method.md, "Beta convention")
-        "beta_per_member": False,  # beta on the group's sum, as above; the toy's beta / G is not measured on SD3.5
-        "reference_decay": 0.0,    # the paper's frozen base; the toy's moving reference is not measured on SD3.5
-        "lr": 1e-4,             # LoRA on a 2.5 B transformer: 30x below the toy's lr (its adapter is 50x smaller)
-        "warmup_updates": 20,   # a fresh adapter and 8-bit Adam moments: no full-size first steps
-        "micro_batch": 8,       # one group per forward+backward (group-exact: the full-group gradient)
-        "gradient_checkpointing": True,  # activations, not weights, dominate at 512 px and G = 8
-        "sigma_dist": "logit-normal",    # SD3's own training distribution of noise levels
-    },
-    # 400 samples: +-2.5 points of standard error at 50% accuracy; every 50 rollouts keeps the best of 6
-    # checkpoints (on validation seeds); 28 steps is diffusers' default for SD3; CFG as in the rollouts
+    "rollout": {"prompts": 4, "group_size": 8, "steps": 10, "cfg_scale": 4.5, "batch_size": 8},
+    "train": {"rollouts": 300, "inner_updates": 2, "objective": "gpo", "beta": 1000.0, "beta_per_member": False,
+              "reference_decay": 0.0, "lr": 1e-4, "warmup_updates": 20, "micro_batch": 8,
+              "gradient_checkpointing": True, "sigma_dist": "logit-normal"},
     "eval": {"samples": 400, "every": 50, "steps": 28, "cfg_scale": 4.5},
     "out": "runs/sd35m",
 }
@@ -295,16 +277,6 @@ _SD35M = {
 PRESETS: dict[str, dict] = {
     # the embedded default: GPO on the shipped toy model, a few minutes on two CPU cores
     "toy": {
-        # Chosen by the mean gain over seeds 0-4 (README, "Choosing the toy default"): beta / G was the best
-        # of the four objectives (benchmarks/results/toy.csv); on top of it, half the lr over 100 rollouts
-        # with guidance 3 while sampling rollouts was the best tuning row and the narrowest on one machine
-        # (benchmarks/results/toy_tuning.csv), and sampling the rollouts with 12 steps (as the evaluations
-        # do) instead of 8 beat it on another; a reference that follows the policy about 20 updates behind
-        # (reference_decay 0.95) instead of the frozen base stopped the late collapses and beat it on all
-        # five seeds on a third (0.99 and 0.98 did too, by less), and validating and keeping the moving
-        # average of the weights (ema_decay 0.98) on top of it had the best mean of all, until training on
-        # the partial-credit reward (max(0, 1 - |count - n| / n); accuracy stays the exact count) beat it, by a lead
-        # within the noise. Whole command: under 10 minutes on two CPU cores.
         "rollout": {"cfg_scale": 3.0, "steps": 12},
         "train": {"beta_per_member": True, "lr": 1.5e-3, "rollouts": 100, "reference_decay": 0.95, "ema_decay": 0.98},
         "reward": {"partial_credit": True},
@@ -312,8 +284,7 @@ PRESETS: dict[str, dict] = {
     # the paper's counting task: YOLO counts objects of COCO classes, 1-6 of them
     "sd35m-counting": {**copy.deepcopy(_SD35M),
                        "data": {"prompts": "counting"},
-                       "reward": {"kind": "yolo-count", "detector": "yolo11x.pt",  # the most accurate COCO YOLO11
-                                  "conf": 0.5},  # a low-confidence false positive breaks a right count
+                       "reward": {"kind": "yolo-count", "detector": "yolo11x.pt", "conf": 0.5},
                        "out": "runs/sd35m-counting"},
     # the paper's text-rendering task: easyocr reads the image, edit-distance reward against the word
     "sd35m-text": {**copy.deepcopy(_SD35M),
@@ -322,12 +293,75 @@ PRESETS: dict[str, dict] = {
                    "out": "runs/sd35m-text"},
 }
 
+_SD35M_WHY = {
+    "model.kind": "SD3 / SD3.5.",
+    "model.path": "The paper's model.",
+    "model.resolution": "The paper's neighbours train SD3.5-M at 512 px; 4x cheaper than 1024.",
+    "model.t5": "Prompts are encoded once and T5 then leaves the GPU: quality at no training cost.",
+    "lora.rank": "Flow-GRPO's rank on SD3.5-M (it wraps the attention projections; ours also SD3.5's second "
+                 "attention, attn2).",
+    "lora.alpha": "alpha = rank keeps the adapter's scale at 1.",
+    "rollout.prompts": "4 groups x 8 = 32 images per rollout, sampled a group at a time on a consumer GPU.",
+    "rollout.group_size": "GPO needs spread inside a group; 8 keeps degenerate groups rare at 30-60% accuracy.",
+    "rollout.steps": "Rollouts only need to be good enough to rank; Flow-GRPO samples with 10.",
+    "rollout.cfg_scale": "SD3.5-M's recommended guidance.",
+    "rollout.batch_size": "One group per sampler forward: bounded memory.",
+    "train.rollouts": "9,600 images (about 96 per train prompt at 384 counting prompts): a few GPU-hours at 512 px.",
+    "train.inner_updates": "Fresh noise per update: 2 passes over each rollout before it goes stale.",
+    "train.objective": "The method; on the toy world ahead of dpo on average and steadier over seeds.",
+    "train.beta": "The toy world's measured default; the diffusers Diffusion-DPO example's default beta_dpo is 2500 "
+                  "in this same convention (docs/method.md, 'Beta convention').",
+    "train.beta_per_member": "beta on the group's sum, as above; the toy's beta / G is not measured on SD3.5.",
+    "train.reference_decay": "The paper's frozen base; the toy's moving reference is not measured on SD3.5.",
+    "train.lr": "LoRA on a 2.5 B transformer: 15x below the toy's lr (its adapter is 50x smaller).",
+    "train.warmup_updates": "A fresh adapter and 8-bit Adam moments: no full-size first steps.",
+    "train.micro_batch": "One group per forward and backward (group-exact: the full-group gradient).",
+    "train.gradient_checkpointing": "Activations, not weights, dominate at 512 px and G = 8.",
+    "train.sigma_dist": "SD3's own training distribution of noise levels.",
+    "eval.samples": "+-2.5 points of standard error at 50% accuracy.",
+    "eval.every": "Keeps the best of 6 checkpoints (on validation seeds).",
+    "eval.steps": "diffusers' default for SD3.",
+    "eval.cfg_scale": "As in the rollouts.",
+    "out": "The run folder.",
+}
+
+# Why each preset sets each key (tests/test_config.py: every key a preset sets has a reason here, and only those)
+PRESET_WHY: dict[str, dict[str, str]] = {
+    "toy": {  # chosen by the mean gain over seeds 0-4 on the toy world (docs/results/toy.md, "Choosing the toy default")
+        "rollout.cfg_scale": "Guidance 3 while sampling rollouts, with half the lr over 100 rollouts, was the best "
+                             "tuning row and the narrowest (guidance 4 was worse).",
+        "rollout.steps": "Sampling the rollouts with 12 steps, as the evaluations do, beat 8 (16 was worse).",
+        "train.beta_per_member": "beta / G was the best of the four objectives measured.",
+        "train.lr": "Half the ablation's lr over more rollouts; 1e-3 and 2e-3 were both worse.",
+        "train.rollouts": "100 rollouts at lr 1.5e-3: the best tuning row; the whole command stays under 10 minutes "
+                          "on two CPU cores.",
+        "train.reference_decay": "A reference about 20 updates behind the policy stopped the late collapses against "
+                                 "the frozen base and beat it on all five seeds (0.99 and 0.98 did too, by less).",
+        "train.ema_decay": "Validating and keeping the moving average of the weights on top of the moving reference "
+                           "had a better mean (+0.2 per seed, within the noise).",
+        "reward.partial_credit": "Training on max(0, 1 - |count - n| / n) had the best 5-seed mean (+0.9 per seed, "
+                                 "within the noise); accuracy stays the exact count.",
+    },
+    "sd35m-counting": {**_SD35M_WHY,
+                       "data.prompts": "The paper's counting task: COCO classes, 1 to 6 objects.",
+                       "reward.kind": "YOLO counts the objects of the prompt's class.",
+                       "reward.detector": "The most accurate COCO YOLO11.",
+                       "reward.conf": "A low-confidence false positive breaks a right count.",
+                       "out": "The run folder."},
+    "sd35m-text": {**_SD35M_WHY,
+                   "data.prompts": "The paper's text-rendering task: a sign with a word from the shipped list.",
+                   "reward.kind": "easyocr reads the image; the reward is an edit distance to the word.",
+                   "out": "The run folder."},
+}
+
 
 # `gpo-fast train --vram N`: what fits a card of N GB, applied over the preset (before --set). Checked by
 # `gpo-fast plan` (fake tensors, tests/test_plan.py): every phase of SD3.5 Medium plans under the card's size
-# less the CUDA context and the allocator's slack. One whole group per micro-batch everywhere (the fused loss,
-# no extra policy forward); what shrinks is the text encoders' place (T5 in 8 bits; on the CPU for 8 GB), the
-# base (nf4 at 12 and 8 GB) and the sampler's batch. Planned, not yet measured on such cards.
+# less the CUDA context and the allocator's slack. Planned, not yet measured on such cards.
+VRAM_WHY = ("One whole group per micro-batch everywhere (the fused loss, no extra policy forward). What shrinks with "
+            "the card: where the text encoders run (T5 in 8 bits at 16 and 12 GB; on the CPU at 8 GB), the base "
+            "weights (nf4 at 12 and 8 GB) and the sampler's batch. Every phase of SD3.5 Medium is planned under the "
+            "card's size less the CUDA context and the allocator's slack (`gpo-fast plan`, docs/memory.md).")
 VRAM_PRESETS: dict[int, list[str]] = {
     24: ["model.resolution=512", "rollout.group_size=8", "rollout.batch_size=8", "train.micro_batch=8",
          'model.quantize="none"', 'model.t5="full"', 'model.text_encoders="gpu"'],
@@ -470,3 +504,94 @@ def changed_keys(old: Config, new: Config) -> list[str]:
         elif a[section] != b[section]:
             out.append(section)
     return out
+
+
+def _type_name(annotation) -> str:
+    """A key's type in words: 'integer', 'one of: "a", "b"', 'list of ...', 'string or unset'."""
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(f"`{a}`" for a in args)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+        return _type_name(next(a for a in args if a is not type(None))) + ", or unset"
+    if origin is list:
+        return "list of " + _type_name(args[0]).replace("one of", "each one of")
+    if origin is dict:
+        return "table"
+    return {int: "integer", float: "number", bool: "true or false", str: "string"}.get(annotation, str(annotation))
+
+
+def _range(field) -> str:
+    """The bounds pydantic checks (ge, gt, le, lt, pattern, min_length), in words."""
+    words = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    parts = []
+    for item in field.metadata:
+        for name, sign in words.items():
+            if getattr(item, name, None) is not None:
+                parts.append(f"{sign} {getattr(item, name):g}")
+        if getattr(item, "pattern", None):
+            parts.append(f"matches `{item.pattern}`")
+        if getattr(item, "min_length", None):
+            parts.append("not empty")
+    return ", ".join(parts)
+
+
+def _cell(value) -> str:
+    import json
+
+    text = json.dumps(value) if isinstance(value, (list, dict, str, bool)) or value is None else f"{value:g}" \
+        if isinstance(value, float) else str(value)
+    return "`" + text.replace("|", "\\\\|") + "`"
+
+
+def _row(*cells) -> str:
+    """A Markdown table row; a | inside a cell (code spans too) is escaped."""
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+def config_markdown() -> str:
+    """docs/config.md: every key (type, default, allowed values, meaning) and every preset's values with their
+    reasons, from the schema and PRESET_WHY (`gpo-fast config --markdown`; a test keeps the committed file equal)."""
+    out = ["# Configuration reference", "",
+           "This page answers what every key of a `gpo-fast` run means, and what each preset sets and why. It is "
+           "generated from the config schema (`gpo_fast/config.py`) by `gpo-fast config --markdown > docs/config.md`; "
+           "a test fails when it differs from what that command prints.", "",
+           "Set a key in a TOML file (`gpo-fast train my.toml`, with `[section]` tables) or on the command line "
+           "(`--set section.key=value`, the value in TOML syntax). Sources, later ones winning: the preset "
+           "(`--preset`, default `toy`), then `--vram` for SD3, then the file, then `--set`. "
+           "`gpo-fast config --preset NAME` prints a whole config with each key's meaning, as a file you can edit. "
+           "A run writes its resolved config to `RUN/config.toml`.", "",
+           "The defaults below are the schema's. A preset overrides some of them (its table is further down). The "
+           "default run, `gpo-fast train`, is the `toy` preset.", ""]
+    header = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+    sections = {n: f.annotation for n, f in Config.model_fields.items()
+                if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+    out += ["## Top level", "", *header]
+    out += [_row(f"`{name}`", _type_name(f.annotation), _cell(f.get_default(call_default_factory=True)), _range(f),
+                 f.description) for name, f in Config.model_fields.items() if name not in sections]
+    for name, section in sections.items():
+        out += ["", f"## `[{name}]`", "", *header]
+        out += [_row(f"`{name}.{key}`", _type_name(f.annotation), _cell(f.get_default(call_default_factory=True)),
+                     _range(f), f.description) for key, f in section.model_fields.items()]
+    out += ["", "## Presets", "", "`--preset NAME` starts from these values; every other key keeps its default."]
+    for preset, values in PRESETS.items():
+        out += ["", f"### `{preset}`", "", "| key | value | why |", "|---|---|---|"]
+        out += [_row(f"`{key}`", _cell(value), PRESET_WHY[preset][key]) for key, value in _flatten(values).items()]
+    out += ["", "## `--vram` presets (SD3)", "", VRAM_WHY, "",
+            _row("key", *(f"{v} GB" for v in VRAM_PRESETS)), "|---|" + "---|" * len(VRAM_PRESETS)]
+    sets = {v: dict(item.split("=", 1) for item in items) for v, items in VRAM_PRESETS.items()}
+    for key in dict.fromkeys(k for items in sets.values() for k in items):
+        out.append(_row(f"`{key}`", *(f"`{sets[v][key]}`" if key in sets[v] else "" for v in VRAM_PRESETS)))
+    return "\n".join(out) + "\n"
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    """A preset's nested tables as dotted keys."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key in Config.model_fields:
+            flat.update(_flatten(value, f"{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
