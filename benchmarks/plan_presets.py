@@ -1,6 +1,6 @@
 """Planned peak memory and FLOPs of SD3.5 Medium and Large for every --vram preset, with `gpo-fast plan`'s
 planner (fake tensors on the CPU: planned, not measured on a GPU), into benchmarks/results/plan.csv and a
-Markdown table on stdout (the README's "Planned memory" table).
+Markdown table on stdout (docs/memory.md, "The presets, planned"; the README shows its peaks).
 
     python benchmarks/plan_presets.py [--out benchmarks/results/plan.csv]
 

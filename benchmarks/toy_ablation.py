@@ -3,7 +3,7 @@ budget, seeds 0-4 each.
 
 Each run is `gpo-fast train` with the toy preset at the budget of BASE below and one objective; rows are appended to
 benchmarks/results/toy.csv (machine, commit, objective, seed, accuracy before/after, gain, wall time)
-and a table of mean and spread per objective is printed (Markdown, for the README).
+and a table of mean and spread per objective is printed (Markdown, for docs/results/toy.md).
 
 --task graded trains on the graded reward instead (reward.partial_credit: 1 - |count - n| / n, so rewards
 inside a group differ by small steps and many best-vs-worst pairs differ marginally, where the paper says

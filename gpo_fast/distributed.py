@@ -1,7 +1,7 @@
 """Several processes (GPUs) through Hugging Face accelerate's launcher:
 `accelerate launch --multi_gpu --num_processes N -m gpo_fast.cli train ...` (or torchrun, which it wraps).
 
-How the run equals the one-process run with the same global batch (design/architecture.md):
+How the run equals the one-process run with the same global batch (docs/sd35.md, "Several GPUs"):
 - every rank draws the same global random numbers (prompts, starting noise, noise levels, noise) from
   the same seeded generator and keeps its slice: whole groups per rank, P / world groups each;
 - a rank's loss is the mean over its non-degenerate groups; it is scaled by n_rank / n_global before

@@ -1,4 +1,4 @@
-"""Your own reward (reward.kind = "python", gpo_fast.rewards.python): the README's example trains the toy world;
+"""Your own reward (reward.kind = "python", gpo_fast.rewards.python): docs/rewards.md's example trains the toy world;
 a module path works; every failure is one sentence naming the callable, or a NaN for the image it hit."""
 
 import json
@@ -25,8 +25,8 @@ PROMPTS = [Prompt("a photo of two cats", "counting", "cat", 2)] * 3
 
 
 def _readme_example(tmp_path) -> Path:
-    """The README's complete example, as a user would copy it."""
-    text = (ROOT / "README.md").read_text()
+    """The complete example of docs/rewards.md, as a user would copy it."""
+    text = (ROOT / "docs" / "rewards.md").read_text()
     section = text[text.index("## Your own reward"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     path = tmp_path / "brightness.py"
