@@ -50,11 +50,28 @@ def _snippet(config: Config, folder: Path) -> str:
         run = folder.parent
         return (f"gpo-fast eval {run}/config.toml --adapter {run}        # held-out accuracy, base vs this adapter\n"
                 f'gpo-fast sample {run}/config.toml --adapter {run} --prompt "three dots"')
-    base = base_model(config)
-    return ("import torch\nfrom diffusers import StableDiffusion3Pipeline\n\n"
-            f'pipe = StableDiffusion3Pipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")\n'
-            f'pipe.load_lora_weights("{folder}")\n'
-            'image = pipe("a photo of three cats", num_inference_steps=28, guidance_scale=4.5).images[0]')
+    base, ev = base_model(config), config.eval  # sampled as it was evaluated: steps, guidance, solver
+    imports = "StableDiffusion3Pipeline" + (", DPMSolverMultistepScheduler" if ev.solver == "dpm++2m" else "")
+    lines = ["import torch", f"from diffusers import {imports}", "",
+             f'pipe = StableDiffusion3Pipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")']
+    if ev.solver == "dpm++2m":
+        lines += ["pipe.scheduler = DPMSolverMultistepScheduler(algorithm_type=\"dpmsolver++\", solver_order=2, "
+                  "prediction_type=\"flow_prediction\",",
+                  "    use_flow_sigmas=True, flow_shift=pipe.scheduler.config.shift)"]
+    lines += [f'pipe.load_lora_weights("{folder}")',
+              f'image = pipe("a photo of three cats", num_inference_steps={ev.steps}, '
+              f"guidance_scale={ev.cfg_scale:g}).images[0]"]
+    return "\n".join(lines)
+
+
+def _guidance(config: Config) -> list[str]:
+    """What a user of the adapter should know about guidance, when it was trained without."""
+    if config.rollout.cfg_scale != 1.0:
+        return []
+    measured = "measured without guidance too" if config.eval.cfg_scale == 1.0 else \
+        f"measured at guidance {config.eval.cfg_scale:g}"
+    return [f"Trained on samples drawn without classifier-free guidance (rollout.cfg_scale 1), {measured}: it is "
+            "meant to be used without guidance, one forward per step (`guidance_scale=1.0`).", ""]
 
 
 def model_card(config: Config, summary: dict, folder: Path, grid: str | None) -> str:
@@ -90,6 +107,7 @@ def model_card(config: Config, summary: dict, folder: Path, grid: str | None) ->
         f"prompts and seeds before and after; the kept weights are those of rollout {summary['best_rollout']}, "
         f"chosen on {summary.get('validation', 'validation')}).",
         "",
+        *_guidance(config),
     ]
     if grid:
         lines += [f"![the same prompts and seeds, before and after]({grid})", ""]
@@ -100,7 +118,7 @@ def model_card(config: Config, summary: dict, folder: Path, grid: str | None) ->
         f"`{t.optimizer}`"
         + (f", the kept weights a moving average (train.ema_decay {t.ema_decay})" if t.ema_decay else ""),
         f"- {summary['rollouts']} rollouts of {ro.prompts} prompts x {ro.group_size} images, {t.inner_updates} "
-        f"updates each ({summary['steps']} in all), {ro.steps} sampler steps, CFG {ro.cfg_scale}",
+        f"updates each ({summary['steps']} in all), {ro.steps} sampler steps ({ro.solver}), CFG {ro.cfg_scale}",
         f"- {'LoRA rank ' + str(config.lora.rank) + ', alpha ' + str(config.lora.alpha) if config.lora.enabled else 'every weight trained'}"
         + ("" if config.model.kind == "toy" else f", resolution {config.model.resolution} px") + f", seed {config.seed}",
         "- the whole configuration: `config.toml` in the run folder",

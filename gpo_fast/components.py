@@ -51,8 +51,12 @@ def build_model(config: Config, device: torch.device, trainable: bool = True, pr
                                          embeds_cache=m.embeds_cache, vae_tiling=m.vae_tiling, prompts=prompts,
                                          quantize=m.quantize)
     if not trainable:
-        return model.eval().requires_grad_(False)
-    return prepare_for_training(model, config)
+        model.eval().requires_grad_(False)
+    else:
+        prepare_for_training(model, config)
+    if m.compile:
+        model.compile_denoiser()
+    return model
 
 
 def prepare_for_training(model, config: Config):
@@ -186,8 +190,8 @@ def build_evaluator(config: Config, task: Task, device: torch.device, split: str
     if config.model.kind == "toy":
         from gpo_fast.toy.evaluate import ToyEvaluator
 
-        return ToyEvaluator(ev.samples, ev.steps, ev.cfg_scale, precision=precision, watch=task.watch)
+        return ToyEvaluator(ev.samples, ev.steps, ev.cfg_scale, ev.solver, precision=precision, watch=task.watch)
     from gpo_fast.evaluate import PromptEvaluator
 
-    return PromptEvaluator(task.reward, prompts, ev.samples, ev.steps, ev.cfg_scale,
+    return PromptEvaluator(task.reward, prompts, ev.samples, ev.steps, ev.cfg_scale, ev.solver,
                            batch_size=config.rollout.batch_size, precision=precision, watch=task.watch)

@@ -49,6 +49,10 @@ class ModelSection(_Section):
     quantize: Literal["none", "int8", "nf4"] = Field(
         "none", description="sd3: base transformer weights in int8 or nf4 (bitsandbytes, GPU; LoRA only).")
     vae_tiling: bool = Field(False, description="sd3: decode in tiles (less memory at 1024 px and above).")
+    compile: bool = Field(False, description=(
+        "Compile the denoiser's forward with torch.compile (rollouts, updates, evaluations): the same outputs, "
+        "faster on a GPU after a compile of a minute or more at the start (and one more per adapter state: "
+        "on, off for the reference)."))
 
 
 VALIDATION_SEED_OFFSET = 1  # validation draws eval.seed + 1: it picks the best adapter, eval.seed measures it
@@ -86,7 +90,11 @@ class RolloutSection(_Section):
     prompts: int = Field(8, ge=1, description="Prompts per rollout (P).")
     group_size: int = Field(8, ge=2, description="Images per prompt (G).")
     steps: int = Field(8, ge=1, le=1000, description="Euler steps of the sampler.")
-    cfg_scale: float = Field(2.0, ge=1.0, le=30.0, description="Classifier-free guidance scale.")
+    cfg_scale: float = Field(2.0, ge=1.0, le=30.0, description=(
+        "Classifier-free guidance scale; 1 is no guidance: one forward per sampler step instead of two."))
+    solver: Literal["euler", "dpm++2m"] = Field("euler", description=(
+        "ODE solver of the rollouts: euler, or dpm++2m (DPM-Solver++(2M), diffusers' DPMSolverMultistepScheduler "
+        "for flow matching: second order, one forward per step as Euler; fewer steps for the same images)."))
     batch_size: int = Field(0, ge=0, description="Images per sampler forward (rollouts and eval); 0 = all at once.")
     overlap_scoring: bool = Field(True, description=(
         "Score each finished batch of a rollout in a worker thread while the sampler draws the next one (needs "
@@ -188,6 +196,7 @@ class EvalSection(_Section):
     every: int = Field(20, ge=0, description="Evaluate every this many rollouts (0: only before and after).")
     steps: int = Field(12, ge=1, le=1000, description="Euler steps of the sampler in evaluations.")
     cfg_scale: float = Field(2.0, ge=1.0, le=30.0, description="Classifier-free guidance scale in evaluations.")
+    solver: Literal["euler", "dpm++2m"] = Field("euler", description="ODE solver in evaluations (see rollout.solver).")
     seed: int = Field(10_000, description="Seed of the held-out noise (disjoint from training seeds).")
     watch_multiple: float = Field(1.0, ge=0.0, description=(
         "Reward-hacking watch: warn once when an image statistic the reward does not see (brightness, saturation, "

@@ -89,6 +89,7 @@ class PromptEvaluator:
     samples: int
     steps: int
     cfg_scale: float
+    solver: str = "euler"
     batch_size: int = 0  # images per sampler forward; 0: all at once
     keep_images: int = 50
     precision: Callable = contextlib.nullcontext  # bf16 autocast on a GPU (gpo_fast.components.autocast_for)
@@ -106,7 +107,7 @@ class PromptEvaluator:
             part = chosen[i:i + step]
             with torch.no_grad(), self.precision():
                 latents = sample(model, [p.text for p in part], steps=self.steps, cfg_scale=self.cfg_scale,
-                                 generator=gen, batch_size=step)
+                                 generator=gen, batch_size=step, solver=self.solver)
                 imgs = model.decode(latents).float().cpu()
             with full_precision():  # reward engines (easyocr) break on bf16 outputs of an enclosing autocast
                 scored = self.reward.measure(imgs, part)

@@ -416,7 +416,7 @@ def trace_phase(name: str, model, config: Config, fake_mode=None) -> Phase:
     them, and its FLOPs multiplied out to a rollout (rollout, decode) or an update. The same function traces
     the planner's fake model and, in the tests, a real one."""
     from gpo_fast.kernels import plain_pytorch
-    from gpo_fast.sampling import _euler
+    from gpo_fast.sampling import _solve
     from gpo_fast.update import forward_backward, group_noise, loss_spec
 
     ro, tr = config.rollout, config.train
@@ -430,7 +430,7 @@ def trace_phase(name: str, model, config: Config, fake_mode=None) -> Phase:
     def rollout(live):  # one sampler step of `batch` images with guidance (2x the batch), under no_grad
         model.eval()
         with torch.no_grad():
-            _euler(model, ["plan"] * batch, torch.zeros((batch, *model.latent_shape)), 1, ro.cfg_scale)
+            _solve(model, ["plan"] * batch, torch.zeros((batch, *model.latent_shape)), 1, ro.cfg_scale)
 
     def decode(live):  # the VAE decodes one image at a time (sliced), the batch's latents alive
         live.kind = "latents"
@@ -546,8 +546,8 @@ def plan(config: Config, only: str | None = None) -> Plan:
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     model = build_fake_model(config, fake)
     ro = config.rollout
-    schedules = {k: model.schedule(k) for k in (1, ro.steps)}  # numbers, made outside the fake mode
-    model.schedule = schedules.__getitem__
+    schedules = {k: model.schedule(k, ro.solver) for k in (1, ro.steps)}  # numbers, made outside the fake mode
+    model.schedule = lambda steps, solver=ro.solver: schedules[steps]
     result = Plan(config, images_per_rollout=ro.prompts * ro.group_size)
 
     if only in (None, "encode"):

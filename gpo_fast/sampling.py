@@ -1,9 +1,13 @@
-"""Sampling: the deterministic flow-matching ODE (Euler) with classifier-free guidance, and group rollouts.
+"""Sampling: the deterministic flow-matching ODE with classifier-free guidance, and group rollouts.
 
 Noise levels go from 1 (pure noise) to 0 along the model's schedule (equal steps for the toy model,
 the shifted schedule of the scheduler for SD3, as its pipeline samples); v = v_uncond + w * (v_cond -
-v_uncond); x <- x + (sigma_next - sigma) * v, in float32. Each image has its own starting noise, drawn from a seeded generator,
-so a rollout is reproducible.
+v_uncond). Two solvers, one forward (two with guidance) per step each:
+- "euler": x <- x + (sigma_next - sigma) * v, in float32;
+- "dpm++2m": DPM-Solver++(2M), diffusers' DPMSolverMultistepScheduler for flow matching (the model's
+  `dpm_solver`), second order from the second step on; the model sees the scheduler's (integer) timesteps,
+  as StableDiffusion3Pipeline given that scheduler does.
+Each image has its own starting noise, drawn from a seeded generator, so a rollout is reproducible.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from gpo_fast.models.base import DiffusionModel, PromptEmbeds
 @torch.no_grad()
 def sample(
     model: DiffusionModel, prompts: list[str], *, steps: int, cfg_scale: float, generator: torch.Generator,
-    batch_size: int = 256, noise: torch.Tensor | None = None,
+    batch_size: int = 256, noise: torch.Tensor | None = None, solver: str = "euler",
 ) -> torch.Tensor:
     """Final latents (B, *latent_shape) for the prompts, float32, on the model's device. The starting
     noise is drawn from `generator`, or given (`noise`, one per prompt)."""
@@ -30,24 +34,32 @@ def sample(
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
-        out.append(_euler(model, chunk, noise[i : i + batch_size].to(model.device), steps, cfg_scale))
+        out.append(_solve(model, chunk, noise[i : i + batch_size].to(model.device), steps, cfg_scale, solver))
     return torch.cat(out)
 
 
-def _euler(model, prompts, x, steps, cfg_scale):
+def _solve(model, prompts, x, steps, cfg_scale, solver="euler"):
     cond = model.encode_prompts(prompts)
     guided = cfg_scale != 1.0
-    if guided:
-        both = PromptEmbeds.cat([model.encode_prompts([""] * len(prompts)), cond])
-    sigmas = model.schedule(steps).to(x.device)
-    for i in range(steps):
-        s = sigmas[i]
-        if guided:
-            v_uncond, v_cond = model.predict(torch.cat([x, x]), s, both).chunk(2)
-            v = v_uncond + cfg_scale * (v_cond - v_uncond)
-        else:
-            v = model.predict(x, s, cond)
-        x = x + (sigmas[i + 1] - s) * v
+    both = PromptEmbeds.cat([model.encode_prompts([""] * len(prompts)), cond]) if guided else None
+
+    def velocity(x, s):
+        if not guided:
+            return model.predict(x, s, cond)
+        v_uncond, v_cond = model.predict(torch.cat([x, x]), s, both).chunk(2)
+        return v_uncond + cfg_scale * (v_cond - v_uncond)
+
+    if solver == "euler":
+        sigmas = model.schedule(steps).to(x.device)
+        for i in range(steps):
+            x = x + (sigmas[i + 1] - sigmas[i]) * velocity(x, sigmas[i])
+        return x
+    if solver != "dpm++2m":
+        raise ValueError(f"unknown solver {solver!r}; use euler or dpm++2m")
+    sched = model.dpm_solver(steps)
+    for t in sched.timesteps:
+        v = velocity(x, (t.float() / 1000.0).to(x.device))  # the pipeline's timestep t, as a noise level
+        x = sched.step(v.float(), t, x).prev_sample  # float32 in, float32 out
     return x
 
 
@@ -55,7 +67,7 @@ def _euler(model, prompts, x, steps, cfg_scale):
 def rollout(
     model: DiffusionModel, prompts: list[str], group_size: int, *, steps: int, cfg_scale: float,
     generator: torch.Generator, batch_size: int = 0, noise: torch.Tensor | None = None,
-    score: Callable[[torch.Tensor, int], object] | None = None, overlap: bool = True,
+    score: Callable[[torch.Tensor, int], object] | None = None, overlap: bool = True, solver: str = "euler",
 ) -> tuple[list[str], torch.Tensor, torch.Tensor] | tuple[list[str], torch.Tensor, torch.Tensor, list]:
     """G samples per prompt, members of a group contiguous: (prompts per sample, latents, images).
     batch_size: images per sampler forward (0: all at once); each batch is decoded as soon as it is drawn.
@@ -74,7 +86,7 @@ def rollout(
     latents, images, scored = [], [], []
     try:
         for i in range(0, n, step):
-            x = _euler(model, per_sample[i:i + step], noise[i:i + step].to(model.device), steps, cfg_scale)
+            x = _solve(model, per_sample[i:i + step], noise[i:i + step].to(model.device), steps, cfg_scale, solver)
             img = model.decode(x)
             latents.append(x)
             images.append(img)

@@ -290,6 +290,7 @@ def sample_and_score(run: Run) -> Batch:
     with run.precision():
         _, x0, _, parts = rollout(run.model, [p.text for p in prompts], ro.group_size, steps=ro.steps,
                                   cfg_scale=ro.cfg_scale, generator=gen, batch_size=ro.batch_size, noise=noise,
+                                  solver=ro.solver,
                                   score=score, overlap=ro.overlap_scoring)
     scored = RewardResult(torch.cat([s.reward.float() for s in parts]), torch.cat([s.correct for s in parts]),
                           [d for s in parts for d in s.details])

@@ -60,7 +60,7 @@ def draw_to_files(config, prompts: list[str], per_prompt: int, out: Path, adapte
     with torch.no_grad():
         latents = sample(model, texts, steps=steps or config.eval.steps, cfg_scale=cfg_scale or config.eval.cfg_scale,
                          generator=torch.Generator().manual_seed(seed),
-                         batch_size=config.rollout.batch_size or len(texts))
+                         batch_size=config.rollout.batch_size or len(texts), solver=config.eval.solver)
         images = model.decode(latents).float().cpu()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

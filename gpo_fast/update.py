@@ -127,8 +127,8 @@ def gpo_update(model: DiffusionModel, x0, prompts: list[str], rewards, config: C
     groups, so that gradients summed across ranks are those of the one-process loss."""
     spec = loss_spec(config)
     shard = (dist.rank, dist.world) if dist is not None else (0, 1)
-    x_s, u, s = group_noise(x0, spec.group_size, config.train, model.schedule(config.rollout.steps), generator,
-                            shard)
+    schedule = model.schedule(config.rollout.steps, config.rollout.solver)  # sigma_dist = "schedule" draws from it
+    x_s, u, s = group_noise(x0, spec.group_size, config.train, schedule, generator, shard)
     valid = valid_groups(rewards, spec)  # known from the rewards, before any forward
     scale = 1.0
     if dist is not None and dist.world > 1:

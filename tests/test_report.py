@@ -149,3 +149,11 @@ def test_the_model_card_front_matter_is_what_the_hub_reads(tmp_path):
     assert toy["license"] == "apache-2.0" and "base_model" not in toy
     assert "against a moving average of its own weights (train.reference_decay 0.95)" in toy_card.text
     assert "rewarded with partial credit for a count near the asked one" in toy_card.text  # the toy preset's reward
+    assert "num_inference_steps=28, guidance_scale=4.5" in card.text and "without classifier-free" not in card.text
+    free = load_config(preset="sd35m-counting", overrides=["rollout.cfg_scale=1", "eval.cfg_scale=1",
+                                                           'eval.solver="dpm++2m"', "eval.steps=10"])
+    free_card = ModelCard.load(write_model_card(folder, free, summary, None)).text
+    assert "meant to be used without guidance" in free_card and "measured without guidance too" in free_card
+    assert "num_inference_steps=10, guidance_scale=1)" in free_card and "10 sampler steps (euler), CFG 1.0" in free_card
+    assert "pipe.scheduler = DPMSolverMultistepScheduler(" in free_card and "use_flow_sigmas=True" in free_card
+    compile(free_card.split("```python\n")[1].split("```")[0], "the card's snippet", "exec")  # valid Python

@@ -305,3 +305,66 @@ def test_text_encoders_on_the_cpu_encode_the_same_prompts(tiny_sd3):
     assert on_cpu._encode_device == torch.device("cpu")
     a, b = on_cpu.encode_prompts([PROMPT]), default.encode_prompts([PROMPT])
     assert torch.equal(a.hidden, b.hidden) and torch.equal(a.pooled, b.pooled)
+
+
+def test_model_compile_compiles_the_denoiser_whole_and_changes_no_output(tiny_sd3, monkeypatch):
+    """model.compile: the tiny SD3 with a LoRA adapter compiles as one graph (no graph break) with the adapter on
+    and off (the reference), and the compiled forward, and its gradient, are the eager one's."""
+    from gpo_fast.components import build_model
+    from gpo_fast.config import load_config
+
+    config = load_config(preset="sd35m-counting", overrides=[
+        f'model.path="{tiny_sd3}"', f"model.resolution={IMAGE_SIZE}", 'model.t5="off"', 'model.dtype="float32"',
+        "model.compile=true", "train.gradient_checkpointing=false"])
+    model = build_model(config, torch.device("cpu"), prompts=[PROMPT])
+    eager = build_model(config.model_copy(update={"model": config.model.model_copy(update={"compile": False})}),
+                        torch.device("cpu"), prompts=[PROMPT])
+    eager.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in [*model.trainable_parameters(), *eager.trainable_parameters()]:
+            p.fill_(0.01)  # a nonzero adapter, the same in both
+    x = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(0))
+    sigma, embeds = torch.tensor([0.7, 0.3]), model.encode_prompts([PROMPT, ""])
+
+    inner = model.transformer.forward  # Module.compile leaves forward itself eager; explain traces it
+    kwargs = dict(hidden_states=x, encoder_hidden_states=embeds.hidden, pooled_projections=embeds.pooled,
+                  timestep=sigma * 1000, return_dict=False)
+    assert torch._dynamo.explain(inner)(**kwargs).graph_break_count == 0
+    with model.reference():
+        assert torch._dynamo.explain(inner)(**kwargs).graph_break_count == 0
+
+    outputs = []
+    for m in (model, eager):
+        out = m.predict(x, sigma, embeds)
+        out.square().mean().backward()
+        with torch.no_grad(), m.reference():
+            ref = m.predict(x, sigma, embeds)
+        outputs.append((out.detach(), ref, [p.grad for p in m.trainable_parameters()]))
+    (out, ref, grads), (out_e, ref_e, grads_e) = outputs
+    assert model.transformer._compiled_call_impl is not None and eager.transformer._compiled_call_impl is None
+    torch.testing.assert_close(out, out_e, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ref, ref_e, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(out, ref)  # the adapter is on in one, off in the other
+    for g, g_e in zip(grads, grads_e):
+        torch.testing.assert_close(g, g_e, rtol=1e-3, atol=1e-6)
+
+
+def test_dpm_solver_draws_what_the_pipeline_draws_with_diffusers_dpm_scheduler(tiny_sd3):
+    """rollout.solver = "dpm++2m" on SD3: the trainer's sampler equals StableDiffusion3Pipeline given diffusers'
+    DPMSolverMultistepScheduler for flow matching on the model's shift, with and without guidance."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    model = SD3Model.from_pretrained(str(tiny_sd3), resolution=IMAGE_SIZE, t5="off")
+    pipe = _pipeline(tiny_sd3)
+    shift = pipe.scheduler.config.shift
+    pipe.scheduler = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
+                                                 prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                 flow_shift=shift)
+    noise = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(0))
+    for cfg in (4.0, 1.0):
+        ours = sample(model, [PROMPT] * 2, steps=4, cfg_scale=cfg, generator=torch.Generator(), noise=noise,
+                      solver="dpm++2m")
+        theirs = _pipeline_latents(pipe, noise, steps=4, cfg=cfg)
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    euler = sample(model, [PROMPT] * 2, steps=4, cfg_scale=1.0, generator=torch.Generator(), noise=noise)
+    assert (euler - ours).abs().max() > 1e-3  # the solvers differ

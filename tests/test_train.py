@@ -138,3 +138,30 @@ def test_each_rollout_is_validated_once(tmp_path, monkeypatch):
         result = train(cfg, log=lambda *a: None)
         assert seen == expected
         assert result.summary["best_rollout"] in expected
+
+
+def test_rollout_and_eval_solvers_reach_the_sampler_and_the_training_noise_levels(tmp_path, monkeypatch):
+    """rollout.solver draws the rollouts, eval.solver the evaluations, and sigma_dist = "schedule" trains on the
+    rollout solver's own noise levels."""
+    import gpo_fast.sampling as sampling
+    import gpo_fast.update as update
+
+    used, schedules, real_solve, real_group_noise = [], [], sampling._solve, update.group_noise
+
+    def solve(model, prompts, x, steps, cfg_scale, solver="euler"):
+        used.append((steps, solver))
+        return real_solve(model, prompts, x, steps, cfg_scale, solver)
+
+    def group_noise(x0, group_size, train, schedule, *args, **kwargs):
+        schedules.append(schedule)
+        return real_group_noise(x0, group_size, train, schedule, *args, **kwargs)
+
+    monkeypatch.setattr(sampling, "_solve", solve)
+    monkeypatch.setattr(update, "group_noise", group_noise)
+    cfg = load_config(overrides=[
+        f"out=\"{tmp_path / 'run'}\"", "train.rollouts=1", "train.inner_updates=1", "rollout.prompts=2",
+        "rollout.group_size=4", "rollout.steps=3", 'rollout.solver="dpm++2m"', "eval.samples=20", "eval.steps=5",
+        'eval.solver="euler"', "eval.every=0", 'train.sigma_dist="schedule"', 'log.report_to=["none"]'])
+    train(cfg, log=lambda *a: None)
+    assert set(used) == {(3, "dpm++2m"), (5, "euler")}
+    torch.testing.assert_close(schedules[0], ToyModel().schedule(3, "dpm++2m"))

@@ -22,6 +22,21 @@ import torch
 from gpo_fast.errors import InputError, MissingFileError
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: pipe.load_lora_weights(folder) finds it
+SOLVERS = ("euler", "dpm++2m")  # rollout.solver, eval.solver
+
+
+def dpm_solver(steps: int, shift: float, dynamic_shifting: bool = False, mu: float | None = None):
+    """diffusers' DPMSolverMultistepScheduler as DPM-Solver++(2M) for flow matching (velocity prediction, sigmas
+    shifted as `shift * s / (1 + (shift - 1) * s)`), with its timesteps set: the scheduler a
+    StableDiffusion3Pipeline can be given in place of its Euler one. `step(v, t, x)` moves x one step."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    sched = DPMSolverMultistepScheduler(
+        algorithm_type="dpmsolver++", solver_order=2, prediction_type="flow_prediction", use_flow_sigmas=True,
+        flow_shift=shift, use_dynamic_shifting=dynamic_shifting, time_shift_type="exponential",
+        final_sigmas_type="zero", lower_order_final=True)
+    sched.set_timesteps(steps, device="cpu", **({"mu": mu} if mu is not None else {}))
+    return sched
 
 
 @dataclass
@@ -58,8 +73,11 @@ class DiffusionModel(Protocol):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1], (B, C, H, W), for the rewards."""
 
-    def schedule(self, steps: int) -> torch.Tensor:
-        """The sampler's noise levels, (steps + 1,) float32 from 1 down to 0."""
+    def schedule(self, steps: int, solver: str = "euler") -> torch.Tensor:
+        """The sampler's noise levels, (steps + 1,) float32 from 1 (or just below) down to 0."""
+
+    def dpm_solver(self, steps: int):
+        """`dpm_solver(...)` on this model's schedule (its shift), timesteps set for `steps`."""
 
 
 class AdapterMixin:
@@ -125,6 +143,15 @@ class AdapterMixin:
             yield self
         finally:
             self.transformer.enable_adapters()
+
+    def compile_denoiser(self) -> None:
+        """torch.compile the transformer's forward in place (Module.compile: the module, its parameters and their
+        names stay as they are, so adapters, checkpoints and moving averages see no wrapper); the frozen copy of
+        full fine-tuning too."""
+        self.transformer.compile()
+        frozen = getattr(self, "_frozen_transformer", None)
+        if frozen is not None:
+            frozen.compile()
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -9,7 +9,8 @@
 - Latents: SD3's VAE space, `z = (vae(x) - shift) * scale`; `decode` inverts it, sliced (and tiled
   when asked) so a whole group decodes in bounded memory.
 - Sampling schedule: the scheduler's own shifted sigmas (FlowMatchEulerDiscreteScheduler, shift 3
-  for SD3.5), so the trainer's Euler sampler and `StableDiffusion3Pipeline.__call__` take the same steps.
+  for SD3.5), so the trainer's Euler sampler and `StableDiffusion3Pipeline.__call__` take the same steps;
+  with the "dpm++2m" solver, diffusers' DPMSolverMultistepScheduler on the same shift.
 - LoRA and the reference: `AdapterMixin` (peft adapter on the MMDiT attention projections; the
   reference is the same transformer with the adapter disabled).
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from gpo_fast.errors import InputError, UserError
-from gpo_fast.models.base import AdapterMixin, PromptEmbeds
+from gpo_fast.models.base import AdapterMixin, PromptEmbeds, dpm_solver
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
 # MMDiT attention: image-stream q/k/v/out and text-stream (add_*) q/k/v/out
@@ -220,20 +221,35 @@ class SD3Model(AdapterMixin, torch.nn.Module):
             pooled_projections=embeds.pooled.to(dt), timestep=timestep, return_dict=False,
         )[0]
 
-    def schedule(self, steps: int) -> torch.Tensor:
+    def schedule(self, steps: int, solver: str = "euler") -> torch.Tensor:
         import copy
 
+        if solver != "euler":
+            return self.dpm_solver(steps).sigmas.float()
         sched = copy.deepcopy(self.scheduler)  # set_timesteps mutates the scheduler
-        kwargs = {}
-        if sched.config.get("use_dynamic_shifting", False):
-            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
-            c, p = sched.config, self.transformer.config.patch_size
-            seq = (self.latent_shape[1] // p) * (self.latent_shape[2] // p)
-            kwargs["mu"] = calculate_shift(seq, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                                           c.get("base_shift", 0.5), c.get("max_shift", 1.16))
-        sched.set_timesteps(steps, device="cpu", **kwargs)
+        mu = self._mu()
+        sched.set_timesteps(steps, device="cpu", **({"mu": mu} if mu is not None else {}))
         return sched.sigmas.float()
+
+    def dpm_solver(self, steps: int):
+        """DPM-Solver++(2M) with this model's flow shift: what StableDiffusion3Pipeline samples when given
+        `DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction")`."""
+        c = self.scheduler.config
+        return dpm_solver(steps, shift=c.get("shift", 1.0), dynamic_shifting=c.get("use_dynamic_shifting", False),
+                          mu=self._mu())
+
+    def _mu(self) -> float | None:
+        """The resolution-dependent shift exponent of a scheduler with dynamic shifting (as the pipeline computes
+        it), or None."""
+        c = self.scheduler.config
+        if not c.get("use_dynamic_shifting", False):
+            return None
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        p = self.transformer.config.patch_size
+        seq = (self.latent_shape[1] // p) * (self.latent_shape[2] // p)
+        return calculate_shift(seq, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                               c.get("base_shift", 0.5), c.get("max_shift", 1.16))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

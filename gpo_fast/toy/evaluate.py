@@ -32,11 +32,12 @@ def toy_eval_prompts(n_samples: int) -> list[str]:
 
 def evaluate_toy(
     model: DiffusionModel, *, n_samples: int = 1000, steps: int = 12, cfg_scale: float = 2.0, seed: int = 10_000,
+    solver: str = "euler",
 ) -> tuple[dict, torch.Tensor]:
     """(metrics, images): counting accuracy of the toy model on n_samples fixed-seed samples."""
     prompts = toy_eval_prompts(n_samples)
     images = model.decode(sample(model, prompts, steps=steps, cfg_scale=cfg_scale,
-                                 generator=torch.Generator().manual_seed(seed)))
+                                 generator=torch.Generator().manual_seed(seed), solver=solver))
     wanted = torch.tensor([count_in_prompt(p) for p in prompts])
     strict = count_dots(images)
     lenient = count_dots(images, min_size=LENIENT_MIN_SIZE)
@@ -72,6 +73,7 @@ class ToyEvaluator:
     samples: int
     steps: int
     cfg_scale: float
+    solver: str = "euler"
     keep_images: int = 50
     precision: Callable = contextlib.nullcontext  # bf16 autocast on a GPU (gpo_fast.components.autocast_for)
     watch: object = None  # a reward measured beside the count, never trained on (eval.watch_reward)
@@ -82,7 +84,7 @@ class ToyEvaluator:
         model.eval()
         with torch.no_grad(), self.precision():
             metrics, images = evaluate_toy(model, n_samples=self.samples, steps=self.steps, cfg_scale=self.cfg_scale,
-                                           seed=seed)
+                                           seed=seed, solver=self.solver)
         images = images.float().cpu()
         stats = StatsAccumulator()
         stats.add(images)

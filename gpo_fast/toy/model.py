@@ -15,7 +15,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 
-from gpo_fast.models.base import AdapterMixin, PromptEmbeds
+from gpo_fast.models.base import AdapterMixin, PromptEmbeds, dpm_solver
 from gpo_fast.errors import InputError, MissingFileError
 from gpo_fast.toy.data import IMAGE_SIZE, PROMPTS
 
@@ -82,8 +82,15 @@ class ToyModel(AdapterMixin, torch.nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents.clamp(-1.0, 1.0)
 
-    def schedule(self, steps: int) -> torch.Tensor:
-        return torch.linspace(1.0, 0.0, steps + 1)  # plain Euler on equal steps (pretraining drew logit-normal levels)
+    def schedule(self, steps: int, solver: str = "euler") -> torch.Tensor:
+        if solver == "euler":
+            return torch.linspace(1.0, 0.0, steps + 1)  # equal steps (pretraining drew logit-normal levels)
+        return self.dpm_solver(steps).sigmas.float()
+
+    def dpm_solver(self, steps: int):
+        """DPM-Solver++(2M) on the toy's own schedule: equal steps, no shift (diffusers' flow sigmas start at
+        0.999, one step of its 1000 below the Euler sampler's 1)."""
+        return dpm_solver(steps, shift=1.0)
 
     # -- weights ------------------------------------------------------------------------------
     def save_pretrained(self, directory: Path, manifest: dict | None = None) -> Path:
