@@ -42,7 +42,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TUNING_CSV = RESULTS / "toy_tuning.csv"
 FIELDS = ["machine", "threads", "commit", "objective", "seed", "accuracy_before", "accuracy_after", "gain",
           "gain_ci95_low", "gain_ci95_high", "blank_before", "blank_after", "best_rollout", "rollouts",
-          "wall_seconds"]
+          "wall_seconds", "train_tflops", "rollout_tflops"]
+# train_tflops / rollout_tflops: the run's training compute and its sampling part (summary.json, "flops"); CSVs
+# written before runs counted their FLOPs keep their columns (rows appended to them leave these two out)
 
 
 # a setting: the config keys it changes from the default toy preset (every key the settings differ in is
@@ -100,13 +102,19 @@ def mean_interval(values: list[float]) -> str:
     return f"[{m - half:+.1f}, {m + half:+.1f}]"
 
 
+def _mean_of(rows: list[dict], key: str, spec: str) -> str:
+    """The mean of a column over rows, or '-' where a row predates it."""
+    values = [r.get(key) for r in rows]
+    return format(statistics.mean(float(v) for v in values), spec) if all(values) else "-"
+
+
 def table(rows: list[dict]) -> str:
     """Mean and spread per setting: per objective, or per (change, objective) for tuning rows."""
     def setting(r: dict) -> str:
         return f"{r['objective']}, {r['change']}" if r.get("change") else r["objective"]
 
     lines = ["| setting | seeds | accuracy before | accuracy after | gain, points: mean [95% CI of the mean] "
-             "(min, max) | wall s, mean |", "|---|---|---|---|---|---|"]
+             "(min, max) | training TFLOP, mean | wall s, mean |", "|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(setting(r) for r in rows):
         rs = [r for r in rows if setting(r) == name]
         gains = [100 * float(r["gain"]) for r in rs]
@@ -114,7 +122,7 @@ def table(rows: list[dict]) -> str:
             f"| {name} | {len(rs)} | {statistics.mean(float(r['accuracy_before']) for r in rs):.3f} | "
             f"{statistics.mean(float(r['accuracy_after']) for r in rs):.3f} | "
             f"{statistics.mean(gains):+.1f} {mean_interval(gains)} ({min(gains):+.1f}, {max(gains):+.1f}) | "
-            f"{statistics.mean(float(r['wall_seconds']) for r in rs):.0f} |")
+            f"{_mean_of(rs, 'train_tflops', '.2f')} | {statistics.mean(float(r['wall_seconds']) for r in rs):.0f} |")
     return "\n".join(lines)
 
 
@@ -160,14 +168,17 @@ def main(argv=None) -> int:
                        accuracy_before=f"{s['accuracy_before']:.4f}", accuracy_after=f"{s['accuracy_after']:.4f}", gain=f"{s['gain']:.4f}",
                        gain_ci95_low=f"{s['gain_ci95'][0]:.4f}", gain_ci95_high=f"{s['gain_ci95'][1]:.4f}",
                        blank_before=f"{s['blank_before']:.4f}", blank_after=f"{s['blank_after']:.4f}",
-                       best_rollout=s["best_rollout"], rollouts=s["rollouts"], wall_seconds=f"{s['wall_seconds']:.0f}")
+                       best_rollout=s["best_rollout"], rollouts=s["rollouts"], wall_seconds=f"{s['wall_seconds']:.0f}",
+                       train_tflops=f"{s['flops']['train'] / 1e12:.3f}",
+                       rollout_tflops=f"{s['flops']['rollout'] / 1e12:.3f}")
             rows.append(row)
             print(f"{objective:9s} seed {seed}: {s['accuracy_before']:.3f} -> {s['accuracy_after']:.3f} "
                   f"({100 * s['gain']:+.1f} points) in {s['wall_seconds']:.0f} s", flush=True)
             args.csv.parent.mkdir(parents=True, exist_ok=True)
             new = not args.csv.exists()
+            header = fields if new else next(csv.reader(args.csv.open()))
             with args.csv.open("a", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=fields)
+                w = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore")
                 if new:
                     w.writeheader()
                 w.writerow(row)

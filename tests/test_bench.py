@@ -102,6 +102,8 @@ def test_the_toy_ablation_summarizes_its_csv_by_objective_with_the_interval_of_t
                  gain_ci95_high="0", blank_before="0.1", blank_after="0.1", best_rollout="20", rollouts="60",
                  wall_seconds="200")
             for o, gains in (("dpo", [0.10, 0.12, 0.14]), ("gpo", [0.20, 0.20, 0.26])) for s, g in enumerate(gains)]
+    for r, tflops in zip(rows[3:], ("8.0", "8.2", "8.1")):  # gpo's rows counted their compute, dpo's predate it
+        r["train_tflops"] = tflops
     path = tmp_path / "t.csv"
     with path.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=ablation.FIELDS)
@@ -113,6 +115,7 @@ def test_the_toy_ablation_summarizes_its_csv_by_objective_with_the_interval_of_t
     assert lines[0].startswith("| gpo | 3 |") and lines[1].startswith("| dpo | 3 |")  # in the order asked
     # gpo: mean +22.0, sd 3.46, t(0.975, 2) = 4.303: half-width 8.6
     assert "+22.0 [+13.4, +30.6] (+20.0, +26.0)" in lines[0] and "+12.0 [+7.0, +17.0] (+10.0, +14.0)" in lines[1]
+    assert lines[0].endswith("| 8.10 | 200 |") and lines[1].endswith("| - | 200 |")  # mean training TFLOP
     assert ablation.mean_interval([1.0]) == "[-]"
 
 
