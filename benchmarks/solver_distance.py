@@ -14,32 +14,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from toy_ablation import commit, machine  # the same machine and commit names as the toy rows (beside this file)
+
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ["machine", "threads", "commit", "model", "cfg_scale", "samples", "solver", "steps", "reference_steps",
           "mean_abs_diff", "accuracy"]
-
-
-def _machine() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
 
 
 def _images(model, prompts, noise, steps, cfg, solver):
@@ -50,18 +35,14 @@ def _images(model, prompts, noise, steps, cfg, solver):
                                    noise=noise, solver=solver)).float()
 
 
-def measure(model, prompts, cfg, steps, reference_steps, count=None) -> list[dict]:
-    """Each solver at `steps` against Euler at `reference_steps`, the same prompts and noise."""
-    noise = torch.randn((len(prompts), *model.latent_shape), generator=torch.Generator().manual_seed(10_000))
-    reference = _images(model, prompts, noise, reference_steps, cfg, "euler")
-    rows = [("euler", reference_steps, reference), *((s, steps, _images(model, prompts, noise, steps, cfg, s))
-                                                     for s in ("euler", "dpm++2m"))]
-    out = []
-    for solver, n, images in rows:
-        out.append({"cfg_scale": cfg, "samples": len(prompts), "solver": solver, "steps": n,
-                    "reference_steps": reference_steps, "mean_abs_diff": round((images - reference).abs().mean().item(), 5),
-                    "accuracy": "" if count is None else round(count(images), 4)})
-    return out
+def measure(draw, cfg, samples, steps, reference_steps) -> list[dict]:
+    """Each solver at `steps` against Euler at `reference_steps`; draw(steps, solver) -> (images, accuracy or "")
+    draws the same prompts from the same noise every time."""
+    reference, accuracy = draw(reference_steps, "euler")
+    rows = [("euler", reference_steps, reference, accuracy), *((s, steps, *draw(steps, s)) for s in ("euler", "dpm++2m"))]
+    return [{"cfg_scale": cfg, "samples": samples, "solver": solver, "steps": n, "reference_steps": reference_steps,
+             "mean_abs_diff": round((images - reference).abs().mean().item(), 5), "accuracy": acc}
+            for solver, n, images, acc in rows]
 
 
 def main(argv=None) -> int:
@@ -73,24 +54,27 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from gpo_fast.models.sd3 import SD3Model
     from gpo_fast.models.testing import IMAGE_SIZE, build_tiny_sd3
-    from gpo_fast.toy.evaluate import toy_eval_prompts
+    from gpo_fast.toy.evaluate import evaluate_toy
     from gpo_fast.toy.model import ToyModel
-    from gpo_fast.toy.data import count_in_prompt
-    from gpo_fast.toy.reward import count_dots
 
     start = time.time()
     toy = ToyModel.from_pretrained().eval()
-    prompts = toy_eval_prompts(args.samples)
-    wanted = torch.tensor([count_in_prompt(p) for p in prompts])
-    rows = [dict(r, model="toy (shipped)") for r in measure(
-        toy, prompts, 3.0, args.steps, args.reference_steps,
-        count=lambda images: (count_dots(images) == wanted).float().mean().item())]
+
+    def toy_draw(steps, solver):  # the held-out evaluation's prompts and seed, as a run measures accuracy
+        with torch.no_grad():
+            metrics, images = evaluate_toy(toy, n_samples=args.samples, steps=steps, cfg_scale=3.0, solver=solver)
+        return images.float(), round(metrics["accuracy"], 4)
+
+    rows = [dict(r, model="toy (shipped)") for r in measure(toy_draw, 3.0, args.samples, args.steps,
+                                                            args.reference_steps)]
     with tempfile.TemporaryDirectory() as folder:
         sd3 = SD3Model.from_pretrained(str(build_tiny_sd3(Path(folder))), resolution=IMAGE_SIZE, t5="off").eval()
-        rows += [dict(r, model="tiny SD3 (random weights)")
-                 for r in measure(sd3, ["a photo of three cats", "a sign that says garden"] * 4, 4.5, args.steps,
-                                  args.reference_steps)]
-    meta = {"machine": _machine(), "threads": torch.get_num_threads(), "commit": _commit()}
+        prompts = ["a photo of three cats", "a sign that says garden"] * 4
+        noise = torch.randn((len(prompts), *sd3.latent_shape), generator=torch.Generator().manual_seed(10_000))
+        rows += [dict(r, model="tiny SD3 (random weights)") for r in measure(
+            lambda steps, solver: (_images(sd3, prompts, noise, steps, 4.5, solver), ""), 4.5, len(prompts),
+            args.steps, args.reference_steps)]
+    meta = {"machine": machine(), "threads": torch.get_num_threads(), "commit": commit()}
     new = not args.csv.exists()
     with args.csv.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)

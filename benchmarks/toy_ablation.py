@@ -176,7 +176,11 @@ def main(argv=None) -> int:
                   f"({100 * s['gain']:+.1f} points) in {s['wall_seconds']:.0f} s", flush=True)
             args.csv.parent.mkdir(parents=True, exist_ok=True)
             new = not args.csv.exists()
-            header = fields if new else next(csv.reader(args.csv.open()))
+            if new:
+                header = fields
+            else:
+                with args.csv.open() as existing:
+                    header = next(csv.reader(existing))
             with args.csv.open("a", newline="") as fh:
                 w = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore")
                 if new:

@@ -68,10 +68,11 @@ def _guidance(config: Config) -> list[str]:
     """What a user of the adapter should know about guidance, when it was trained without."""
     if config.rollout.cfg_scale != 1.0:
         return []
-    measured = "measured without guidance too" if config.eval.cfg_scale == 1.0 else \
-        f"measured at guidance {config.eval.cfg_scale:g}"
-    return [f"Trained on samples drawn without classifier-free guidance (rollout.cfg_scale 1), {measured}: it is "
-            "meant to be used without guidance, one forward per step (`guidance_scale=1.0`).", ""]
+    if config.eval.cfg_scale != 1.0:
+        return [f"Trained on samples drawn without classifier-free guidance (rollout.cfg_scale 1), measured at "
+                f"guidance {config.eval.cfg_scale:g}, as the snippet below samples.", ""]
+    return ["Trained on samples drawn without classifier-free guidance (rollout.cfg_scale 1) and measured without "
+            "guidance too: it is meant to be used without guidance, one forward per step (`guidance_scale=1.0`).", ""]
 
 
 def model_card(config: Config, summary: dict, folder: Path, grid: str | None) -> str:

@@ -266,7 +266,7 @@ def plan_cmd(
 
     Builds the configured SD3 / SD3.5 model from its configs alone (shipped for SD3.5 Medium and Large, or a
     local model.path folder's) and runs the trainer's own code on fake tensors: the prompt encoding (priced),
-    one rollout (the sampler with guidance, the VAE decode) and one training update (reference errors,
+    one rollout (the sampler at rollout.cfg_scale, the VAE decode) and one training update (reference errors,
     policy passes, backward), with what holds each peak. Planned, not measured on a GPU.
     """
     from gpo_fast.config import VRAM_PRESETS, load_config

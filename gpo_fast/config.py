@@ -22,6 +22,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+Solver = Literal["euler", "dpm++2m"]  # rollout.solver, eval.solver (gpo_fast.sampling)
+
+
 class ConfigError(InputError):
     """A config problem, phrased for the user: what is wrong and what to do."""
 
@@ -89,10 +92,10 @@ class LoraSection(_Section):
 class RolloutSection(_Section):
     prompts: int = Field(8, ge=1, description="Prompts per rollout (P).")
     group_size: int = Field(8, ge=2, description="Images per prompt (G).")
-    steps: int = Field(8, ge=1, le=1000, description="Euler steps of the sampler.")
+    steps: int = Field(8, ge=1, le=1000, description="Sampler steps of the rollouts (rollout.solver's).")
     cfg_scale: float = Field(2.0, ge=1.0, le=30.0, description=(
         "Classifier-free guidance scale; 1 is no guidance: one forward per sampler step instead of two."))
-    solver: Literal["euler", "dpm++2m"] = Field("euler", description=(
+    solver: Solver = Field("euler", description=(
         "ODE solver of the rollouts: euler, or dpm++2m (DPM-Solver++(2M), diffusers' DPMSolverMultistepScheduler "
         "for flow matching: second order, one forward per step as Euler; fewer steps for the same images)."))
     batch_size: int = Field(0, ge=0, description="Images per sampler forward (rollouts and eval); 0 = all at once.")
@@ -194,9 +197,9 @@ class RewardSection(_Section):
 class EvalSection(_Section):
     samples: int = Field(1000, ge=10, description="Held-out samples per evaluation.")
     every: int = Field(20, ge=0, description="Evaluate every this many rollouts (0: only before and after).")
-    steps: int = Field(12, ge=1, le=1000, description="Euler steps of the sampler in evaluations.")
+    steps: int = Field(12, ge=1, le=1000, description="Sampler steps in evaluations (eval.solver's).")
     cfg_scale: float = Field(2.0, ge=1.0, le=30.0, description="Classifier-free guidance scale in evaluations.")
-    solver: Literal["euler", "dpm++2m"] = Field("euler", description="ODE solver in evaluations (see rollout.solver).")
+    solver: Solver = Field("euler", description="ODE solver in evaluations (see rollout.solver).")
     seed: int = Field(10_000, description="Seed of the held-out noise (disjoint from training seeds).")
     watch_multiple: float = Field(1.0, ge=0.0, description=(
         "Reward-hacking watch: warn once when an image statistic the reward does not see (brightness, saturation, "
@@ -331,10 +334,9 @@ _SD35M_WHY = {
     "eval.every": "Keeps the best of 6 checkpoints (on validation seeds).",
     "eval.steps": "diffusers' default for SD3.",
     "eval.cfg_scale": "As in the rollouts.",
-    "out": "The run folder.",
 }
 
-# Why each preset sets each key (tests/test_config.py: every key a preset sets has a reason here, and only those)
+# Why each preset sets each key (tests/test_docs.py: every key a preset sets has a reason here, and only those)
 PRESET_WHY: dict[str, dict[str, str]] = {
     "toy": {  # chosen by the mean gain over seeds 0-4 on the toy world (docs/results/toy.md, "Choosing the toy default")
         "rollout.cfg_scale": "Guidance 3 while sampling rollouts, with half the lr over 100 rollouts, was the best "
@@ -551,7 +553,7 @@ def _cell(value) -> str:
 
     text = json.dumps(value) if isinstance(value, (list, dict, str, bool)) or value is None else f"{value:g}" \
         if isinstance(value, float) else str(value)
-    return "`" + text.replace("|", "\\\\|") + "`"
+    return "`" + text + "`"  # a | is escaped by _row
 
 
 def _row(*cells) -> str:

@@ -427,7 +427,7 @@ def trace_phase(name: str, model, config: Config, fake_mode=None) -> Phase:
     traced_n = mb if mb % ro.group_size == 0 else min(n, ro.group_size * math.ceil(mb / ro.group_size))
     trainable = model.trainable_parameters()
 
-    def rollout(live):  # one sampler step of `batch` images with guidance (2x the batch), under no_grad
+    def rollout(live):  # one sampler step of `batch` images (2x the batch with guidance), under no_grad
         model.eval()
         with torch.no_grad():
             _solve(model, ["plan"] * batch, torch.zeros((batch, *model.latent_shape)), 1, ro.cfg_scale)

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from gpo_fast.models.base import DiffusionModel, PromptEmbeds
+from gpo_fast.models.base import SOLVERS, DiffusionModel, PromptEmbeds
 
 
 @torch.no_grad()
@@ -54,8 +54,8 @@ def _solve(model, prompts, x, steps, cfg_scale, solver="euler"):
         for i in range(steps):
             x = x + (sigmas[i + 1] - sigmas[i]) * velocity(x, sigmas[i])
         return x
-    if solver != "dpm++2m":
-        raise ValueError(f"unknown solver {solver!r}; use euler or dpm++2m")
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; use one of {', '.join(SOLVERS)}")
     sched = model.dpm_solver(steps)
     for t in sched.timesteps:
         v = velocity(x, (t.float() / 1000.0).to(x.device))  # the pipeline's timestep t, as a noise level

@@ -5,9 +5,9 @@ MLflowTracker), created and started the way `Accelerator.init_trackers` does. Th
 `Accelerator`: it owns its processes (gpo_fast.distributed), and only rank 0 builds trackers; accelerate's
 `PartialState` (which its trackers and their logging consult) joins the process group already set up.
 
-Each rollout's scalars go to every tracker at step = rollout; the resolved config once, at the start of a
-fresh run; the validation grids and the final pictures as images where the tracker takes images (an
-artifact for mlflow). A resumed run continues the same tracker run (its ids are kept in trackers.json).
+Each rollout's scalars go to every tracker at step = rollout; the resolved config once to each tracker, when
+the run first logs to it; the validation grids and the final pictures as images where the tracker takes images
+(an artifact for mlflow). A resumed run continues the same tracker runs (their ids are kept in trackers.json).
 """
 
 from __future__ import annotations
@@ -57,45 +57,33 @@ class Trackers:
 
     def __init__(self, config: Config, out: Path, resume_step: int | None):
         """resume_step: the rollout a resumed run continues from (None: a fresh run)."""
+        self.trackers = []
+        if not config.log.trackers:  # log.report_to = ["none"]: nothing started, nothing written
+            return
         from accelerate import PartialState
-        from accelerate.tracking import MLflowTracker, TensorBoardTracker, TrackioTracker, WandBTracker
 
         PartialState()  # accelerate's trackers log through its process state; this reads the running one
-
         ids_path = out / IDS_FILE
         ids = json.loads(ids_path.read_text()) if resume_step is not None and ids_path.is_file() else {}
-        fresh = not ids
-        name = ids.get("name") or f"{out.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        started = set(ids.get("trackers", []))  # the trackers this run already logged to (they have its config)
+        ids.setdefault("name", f"{out.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}")
         project, values = config.log.project, flat_config(config)
-        self.trackers = []
         for kind in config.log.trackers:
-            if kind == "tensorboard":  # events in RUN/tensorboard; a resume drops the events after its checkpoint
-                tracker = TensorBoardTracker("tensorboard", out, purge_step=(resume_step or 0) + 1)
-            elif kind == "wandb":
-                tracker = WandBTracker(project, name=name, dir=str(out), id=ids.get("wandb"),
-                                       resume="allow")
-            elif kind == "trackio":
-                # accelerate's store_init_configuration updates trackio's module-level dict, not the run: pass it here
-                tracker = TrackioTracker(project, name=name, resume="allow", config=values)
-            else:
-                tracker = MLflowTracker(project, run_name=name, run_id=ids.get("mlflow"))
+            tracker = _make(kind, project, ids, out, values, resume_step)
             try:
                 tracker.start()
             except Exception as e:  # a tracker's own settings (an account, a server, a store) are the user's to fix
                 reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
                 raise TrackerError(f"log.report_to: {kind} could not start ({reason}); fix its settings "
                                    f"(docs/tracking.md) or drop {kind} from log.report_to (--report-to)") from e
-            self.trackers.append(tracker)
-        if fresh:
-            for tracker in self.trackers:
-                if tracker.name != "trackio":
-                    tracker.store_init_configuration(values)
-        ids = {"name": name}
-        for tracker in self.trackers:
-            if tracker.name == "wandb":
+            if kind not in started and kind != "trackio":  # trackio took the config in its init
+                tracker.store_init_configuration(values)
+            if kind == "wandb":
                 ids["wandb"] = tracker.run.id
-            elif tracker.name == "mlflow":
+            elif kind == "mlflow":
                 ids["mlflow"] = tracker.active_run.info.run_id
+            self.trackers.append(tracker)
+        ids["trackers"] = sorted(started | set(config.log.trackers))  # ids of trackers left out now are kept
         ids_path.write_text(json.dumps(ids, indent=2) + "\n")
 
     def log(self, row: dict, step: int) -> None:
@@ -126,3 +114,17 @@ class Trackers:
     def finish(self) -> None:
         for tracker in self.trackers:
             tracker.finish()
+
+
+def _make(kind: str, project: str, ids: dict, out: Path, values: dict, resume_step: int | None):
+    """accelerate's tracker of that kind, not started; each class imported only when used (TrackioTracker is in
+    accelerate from 1.9 on)."""
+    import accelerate.tracking as at
+
+    if kind == "tensorboard":  # events in RUN/tensorboard; a resume drops the events after its checkpoint
+        return at.TensorBoardTracker("tensorboard", out, purge_step=(resume_step or 0) + 1)
+    if kind == "wandb":
+        return at.WandBTracker(project, name=ids["name"], dir=str(out), id=ids.get("wandb"), resume="allow")
+    if kind == "trackio":  # accelerate's store_init_configuration updates trackio's module-level dict, not the run
+        return at.TrackioTracker(project, name=ids["name"], resume="allow", config=values)
+    return at.MLflowTracker(project, run_name=ids["name"], run_id=ids.get("mlflow"))

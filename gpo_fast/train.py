@@ -441,7 +441,8 @@ def finish(run: Run, start: float) -> RunResult:
         "watch": None if st.watch is None else {"max_drift": st.watch.max_drift, "warning": st.watch.warning,
                                                 "base": st.watch.base},
         "flops": {**st.flops, "train": st.flops["rollout"] + st.flops["update"],
-                  "train_to_kept": next((h["flops"] for h in st.history if h["rollout"] == st.best["rollout"]), 0),
+                  # a run resumed from before runs counted FLOPs has rows without them: counted from the resume
+                  "train_to_kept": next((h.get("flops") for h in st.history if h["rollout"] == st.best["rollout"]), 0),
                   "unit": run.unit_flops.to_json()},
     }
     for key, name in run.evaluator.headline.items():  # what this evaluator reports beside accuracy

@@ -54,6 +54,13 @@ def test_two_processes_train_the_weights_of_one(tmp_path, reference_decay, toler
     # moves many entries by a large part of a step
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=tolerance, atol=tolerance)
+    # the compute is counted over both processes: the same as one process's (micro-batch 3 cuts the groups of 4,
+    # so every update runs the same passes whatever the rewards)
+    import json
+
+    flops = [json.loads((tmp_path / r / "summary.json").read_text())["flops"] for r in ("one", "two")]
+    assert flops[0]["train"] > 0 and {k: flops[1][k] for k in ("rollout", "update", "eval")} == {
+        k: flops[0][k] for k in ("rollout", "update", "eval")}
 
 
 def _grads_in_rank(rank: int, world: int, port: int, out: str) -> None:

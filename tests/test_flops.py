@@ -3,7 +3,6 @@ metrics.jsonl and summary.json."""
 
 import json
 
-import pytest
 import torch
 
 from gpo_fast.config import load_config

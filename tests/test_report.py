@@ -154,6 +154,10 @@ def test_the_model_card_front_matter_is_what_the_hub_reads(tmp_path):
                                                            'eval.solver="dpm++2m"', "eval.steps=10"])
     free_card = ModelCard.load(write_model_card(folder, free, summary, None)).text
     assert "meant to be used without guidance" in free_card and "measured without guidance too" in free_card
+    guided_eval = ModelCard.load(write_model_card(folder, load_config(
+        preset="sd35m-counting", overrides=["rollout.cfg_scale=1"]), summary, None)).text
+    assert "measured at guidance 4.5, as the snippet below samples" in guided_eval
+    assert "meant to be used without guidance" not in guided_eval
     assert "num_inference_steps=10, guidance_scale=1)" in free_card and "10 sampler steps (euler), CFG 1.0" in free_card
     assert "pipe.scheduler = DPMSolverMultistepScheduler(" in free_card and "use_flow_sigmas=True" in free_card
     compile(free_card.split("```python\n")[1].split("```")[0], "the card's snippet", "exec")  # valid Python

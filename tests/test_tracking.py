@@ -105,6 +105,7 @@ def test_report_to_none_writes_metrics_but_no_tracker_files(tmp_path):
     train(config, log=lambda *a: None)
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
     assert not (tmp_path / "run" / "tensorboard").exists() and not (tmp_path / "run" / "wandb").exists()
+    assert not (tmp_path / "run" / "trackers.json").exists()
 
 
 def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path, monkeypatch):

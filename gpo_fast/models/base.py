@@ -15,14 +15,15 @@ import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, get_args
 
 import torch
 
+from gpo_fast.config import Solver
 from gpo_fast.errors import InputError, MissingFileError
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: pipe.load_lora_weights(folder) finds it
-SOLVERS = ("euler", "dpm++2m")  # rollout.solver, eval.solver
+SOLVERS = get_args(Solver)  # rollout.solver, eval.solver
 
 
 def dpm_solver(steps: int, shift: float, dynamic_shifting: bool = False, mu: float | None = None):
@@ -31,10 +32,11 @@ def dpm_solver(steps: int, shift: float, dynamic_shifting: bool = False, mu: flo
     StableDiffusion3Pipeline can be given in place of its Euler one. `step(v, t, x)` moves x one step."""
     from diffusers import DPMSolverMultistepScheduler
 
+    # the dynamic-shift arguments only where used: diffusers before 0.35 has neither
+    dynamic = {"use_dynamic_shifting": True, "time_shift_type": "exponential"} if dynamic_shifting else {}
     sched = DPMSolverMultistepScheduler(
         algorithm_type="dpmsolver++", solver_order=2, prediction_type="flow_prediction", use_flow_sigmas=True,
-        flow_shift=shift, use_dynamic_shifting=dynamic_shifting, time_shift_type="exponential",
-        final_sigmas_type="zero", lower_order_final=True)
+        flow_shift=shift, final_sigmas_type="zero", lower_order_final=True, **dynamic)
     sched.set_timesteps(steps, device="cpu", **({"mu": mu} if mu is not None else {}))
     return sched
 

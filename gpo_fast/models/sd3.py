@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from gpo_fast.errors import InputError, UserError
-from gpo_fast.models.base import AdapterMixin, PromptEmbeds, dpm_solver
+from gpo_fast.models.base import SOLVERS, AdapterMixin, PromptEmbeds, dpm_solver
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
 # MMDiT attention: image-stream q/k/v/out and text-stream (add_*) q/k/v/out
@@ -224,6 +224,8 @@ class SD3Model(AdapterMixin, torch.nn.Module):
     def schedule(self, steps: int, solver: str = "euler") -> torch.Tensor:
         import copy
 
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; use one of {', '.join(SOLVERS)}")
         if solver != "euler":
             return self.dpm_solver(steps).sigmas.float()
         sched = copy.deepcopy(self.scheduler)  # set_timesteps mutates the scheduler

@@ -15,7 +15,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 
-from gpo_fast.models.base import AdapterMixin, PromptEmbeds, dpm_solver
+from gpo_fast.models.base import SOLVERS, AdapterMixin, PromptEmbeds, dpm_solver
 from gpo_fast.errors import InputError, MissingFileError
 from gpo_fast.toy.data import IMAGE_SIZE, PROMPTS
 
@@ -83,6 +83,8 @@ class ToyModel(AdapterMixin, torch.nn.Module):
         return latents.clamp(-1.0, 1.0)
 
     def schedule(self, steps: int, solver: str = "euler") -> torch.Tensor:
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; use one of {', '.join(SOLVERS)}")
         if solver == "euler":
             return torch.linspace(1.0, 0.0, steps + 1)  # equal steps (pretraining drew logit-normal levels)
         return self.dpm_solver(steps).sigmas.float()
