@@ -21,8 +21,6 @@ from pathlib import Path
 from gpo_fast.config import Config
 from gpo_fast.errors import InputError
 
-# the module each tracker imports, and the extra that installs it
-_MODULE = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
 IDS_FILE = "trackers.json"  # the tracker runs of this run folder, for a resume
 
 
@@ -33,7 +31,7 @@ class TrackerError(InputError):
 def check_trackers(config: Config) -> None:
     """Fail, before anything is written, when a tracker's package is not installed."""
     for name in config.log.trackers:
-        if importlib.util.find_spec(_MODULE[name]) is None:
+        if importlib.util.find_spec(name) is None:  # each tracker's module is named as the tracker
             extra = f'pip install "gpo-fast[{name}]"' if name != "tensorboard" else "pip install tensorboard"
             raise TrackerError(f"log.report_to names {name}, which is not installed; run {extra} or drop {name} "
                                "from log.report_to (--report-to)")

@@ -2,6 +2,7 @@
 (whole groups per process, the loss normalised across processes). They are started with torchrun,
 which `accelerate launch --multi_gpu` wraps on GPUs (accelerate's own --cpu mode needs MPI)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -56,8 +57,6 @@ def test_two_processes_train_the_weights_of_one(tmp_path, reference_decay, toler
         torch.testing.assert_close(b[k], a[k], rtol=tolerance, atol=tolerance)
     # the compute is counted over both processes: the same as one process's (micro-batch 3 cuts the groups of 4,
     # so every update runs the same passes whatever the rewards)
-    import json
-
     flops = [json.loads((tmp_path / r / "summary.json").read_text())["flops"] for r in ("one", "two")]
     assert flops[0]["train"] > 0 and {k: flops[1][k] for k in ("rollout", "update", "eval")} == {
         k: flops[0][k] for k in ("rollout", "update", "eval")}
