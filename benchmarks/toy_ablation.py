@@ -20,6 +20,13 @@ every change's.
     python benchmarks/toy_ablation.py --task graded
     python benchmarks/toy_ablation.py --task graded --summarize
     python benchmarks/toy_ablation.py --objectives gpo-per-member --change cosine --set train.lr_schedule=cosine
+
+--compute runs the rows of COMPUTE below (the default toy preset, then cheaper rollouts) and writes them to
+benchmarks/results/toy_compute.csv with their FLOPs and the tuned model's gain evaluated both with guidance
+(eval.cfg_scale = 2, the toy default's) and without (1), whichever the row's own evaluation is:
+
+    python benchmarks/toy_ablation.py --compute default no-guidance --seeds 0 1 2 3 4
+    python benchmarks/toy_ablation.py --compute all --summarize
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from gpo_fast.train import train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TUNING_CSV = RESULTS / "toy_tuning.csv"
+COMPUTE_CSV = RESULTS / "toy_compute.csv"
 FIELDS = ["machine", "threads", "commit", "objective", "seed", "accuracy_before", "accuracy_after", "gain",
           "gain_ci95_low", "gain_ci95_high", "blank_before", "blank_after", "best_rollout", "rollouts",
           "wall_seconds", "train_tflops", "rollout_tflops"]
@@ -65,6 +73,23 @@ BASE = ["train.lr=3e-3", "train.rollouts=60", "rollout.cfg_scale=2", "rollout.st
 DEFAULT = ("gpo-per-member",
            "train.lr=1.5e-3 train.rollouts=100 rollout.cfg_scale=3 rollout.steps=12 train.reference_decay=0.95 "
            "train.ema_decay=0.98 reward.partial_credit=true")
+
+# the compute rows (issue: half the compute for the same gain): each is the toy default (DEFAULT above) plus these
+# keys. Without guidance the run also validates and evaluates without it (eval.cfg_scale = 1), as a user of that
+# mode would; every row's tuned model is evaluated both ways besides (GUIDED, UNGUIDED)
+NO_CFG = ["rollout.cfg_scale=1", "eval.cfg_scale=1"]
+DPM6 = ['rollout.solver="dpm++2m"', "rollout.steps=6"]
+COMPUTE = {
+    "default": [],
+    "no-guidance": NO_CFG,
+    "dpm++2m-6": DPM6,
+    "no-guidance+dpm++2m-6": [*NO_CFG, *DPM6],
+    "no-guidance+dpm++2m-6+sigma_min=0.3": [*NO_CFG, *DPM6, "train.sigma_min=0.3"],
+    "rollouts=40": ["train.rollouts=40"],
+}
+GUIDED, UNGUIDED = 2.0, 1.0  # the evaluation's guidance scales of the compute rows' two gains
+COMPUTE_FIELDS = ["change", "overrides", *FIELDS, "eval_cfg_scale", "accuracy_before_guided", "accuracy_after_guided",
+                  "gain_guided", "accuracy_before_unguided", "accuracy_after_unguided", "gain_unguided"]
 
 # a task: the reward the runs train on (accuracy is always the strict count), and where the results go
 TASKS = {
@@ -108,6 +133,40 @@ def _mean_of(rows: list[dict], key: str, spec: str) -> str:
     return format(statistics.mean(float(v) for v in values), spec) if all(values) else "-"
 
 
+def evaluated_both_ways(cfg, overrides: list[str], s: dict, out: Path) -> dict:
+    """The kept model's held-out accuracy, before and after, with guidance (GUIDED) and without (UNGUIDED): the
+    run's own evaluation for its eval.cfg_scale, `gpo-fast eval` of the run folder for the other."""
+    from gpo_fast.tuned import run_eval
+
+    row = {"eval_cfg_scale": cfg.eval.cfg_scale}
+    for name, scale in (("guided", GUIDED), ("unguided", UNGUIDED)):
+        if scale == cfg.eval.cfg_scale:
+            before, after = s["accuracy_before"], s["accuracy_after"]
+        else:
+            other = load_config(overrides=[*overrides, f"eval.cfg_scale={scale}"])
+            report = run_eval(other, out, out / f"eval-cfg{scale:g}", log=lambda *a: None)
+            before, after = report["base"]["accuracy"], report["tuned"]["accuracy"]
+        row.update({f"accuracy_before_{name}": f"{before:.4f}", f"accuracy_after_{name}": f"{after:.4f}",
+                    f"gain_{name}": f"{after - before:.4f}"})
+    return row
+
+
+def compute_table(rows: list[dict]) -> str:
+    """The compute rows: FLOPs beside the gain, and the gain evaluated with and without guidance."""
+    lines = ["| row | seeds | rollout TFLOP | training TFLOP | gain, points: mean [95% CI] (min, max) | "
+             "gain with guidance (eval cfg 2) | gain without (eval cfg 1) | wall s |", "|---|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["change"] for r in rows):
+        rs = [r for r in rows if r["change"] == name]
+        gains = [100 * float(r["gain"]) for r in rs]
+        both = [f"{statistics.mean(100 * float(r[k]) for r in rs):+.1f} "
+                f"{mean_interval([100 * float(r[k]) for r in rs])}" for k in ("gain_guided", "gain_unguided")]
+        lines.append(
+            f"| {name} | {len(rs)} | {_mean_of(rs, 'rollout_tflops', '.2f')} | {_mean_of(rs, 'train_tflops', '.2f')} | "
+            f"{statistics.mean(gains):+.1f} {mean_interval(gains)} ({min(gains):+.1f}, {max(gains):+.1f}) | "
+            f"{both[0]} | {both[1]} | {statistics.mean(float(r['wall_seconds']) for r in rs):.0f} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     """Mean and spread per setting: per objective, or per (change, objective) for tuning rows."""
     def setting(r: dict) -> str:
@@ -137,9 +196,14 @@ def main(argv=None) -> int:
     ap.add_argument("--csv", type=Path, help="default benchmarks/results/toy.csv, or toy_graded.csv for --task graded")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
     ap.add_argument("--summarize", action="store_true", help="print the table of the CSV's rows on this machine")
+    ap.add_argument("--compute", nargs="+", choices=[*COMPUTE, "all"],
+                    help="run (or with --summarize, print) these compute rows: the default and cheaper rollouts, "
+                         "rows to benchmarks/results/toy_compute.csv, runs to runs/toy-compute/ROW")
     ap.add_argument("--change", help="a tuning run: name the change the --set overrides make; rows go to "
                                      "benchmarks/results/toy_tuning.csv, runs to runs/toy-tuning/CHANGE")
     args = ap.parse_args(argv)
+    if args.compute:
+        return compute(args)
     tag = "".join(c if c.isalnum() or c in "-_." else "-" for c in args.change or "")
     args.csv = args.csv or (TUNING_CSV if args.change else RESULTS / TASKS[args.task]["csv"])
     args.runs = args.runs or (Path("runs/toy-tuning") / tag if args.change else Path(TASKS[args.task]["runs"]))
@@ -188,6 +252,56 @@ def main(argv=None) -> int:
                 w.writerow(row)
     print(f"\n{meta['machine']}, {meta['threads']} threads, commit {meta['commit']}\n")
     print(table(rows))
+    return 0
+
+
+def compute(args) -> int:
+    """--compute: the rows of COMPUTE, gpo-per-member on the default, over the seeds."""
+    names = list(COMPUTE) if "all" in args.compute else args.compute
+    path = args.csv or COMPUTE_CSV
+    meta = dict(machine=machine(), threads=torch.get_num_threads(), commit=commit())
+    if args.summarize:
+        done = [r for r in csv.DictReader(path.open()) if r["machine"] == meta["machine"] and r["change"] in names
+                and int(r["seed"]) in args.seeds] if path.exists() else []
+        if not done:
+            print(f"{path} holds no rows of these settings on this machine yet: run them first")
+            return 1
+        done.sort(key=lambda r: names.index(r["change"]))
+        print(f"{meta['machine']}: {len(done)} rows of {path.name}, commits "
+              f"{', '.join(dict.fromkeys(r['commit'] for r in done))}, threads "
+              f"{', '.join(dict.fromkeys(r['threads'] for r in done))}\n")
+        print(compute_table(done))
+        return 0
+    setting, default = DEFAULT
+    rows = []
+    for name in names:
+        for seed in args.seeds:
+            out = (args.runs or Path("runs/toy-compute")) / name / f"seed{seed}"
+            keys = [*default.split(), *COMPUTE[name], *args.overrides]
+            overrides = [*BASE, *SETTINGS[setting], *keys, f"seed={seed}", f'out="{out}"']
+            cfg = load_config(overrides=overrides)
+            s = train(cfg, log=lambda *a: None).summary
+            row = dict(change=name, overrides=" ".join(COMPUTE[name] + args.overrides), **meta, objective=setting,
+                       seed=seed, accuracy_before=f"{s['accuracy_before']:.4f}",
+                       accuracy_after=f"{s['accuracy_after']:.4f}", gain=f"{s['gain']:.4f}",
+                       gain_ci95_low=f"{s['gain_ci95'][0]:.4f}", gain_ci95_high=f"{s['gain_ci95'][1]:.4f}",
+                       blank_before=f"{s['blank_before']:.4f}", blank_after=f"{s['blank_after']:.4f}",
+                       best_rollout=s["best_rollout"], rollouts=s["rollouts"], wall_seconds=f"{s['wall_seconds']:.0f}",
+                       train_tflops=f"{s['flops']['train'] / 1e12:.3f}",
+                       rollout_tflops=f"{s['flops']['rollout'] / 1e12:.3f}", **evaluated_both_ways(cfg, overrides, s, out))
+            rows.append(row)
+            print(f"{name} seed {seed}: {100 * float(row['gain']):+.1f} points (guided {100 * float(row['gain_guided']):+.1f}, "
+                  f"unguided {100 * float(row['gain_unguided']):+.1f}), {row['train_tflops']} TFLOP, "
+                  f"{row['wall_seconds']} s", flush=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            new = not path.exists()
+            with path.open("a", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=COMPUTE_FIELDS, extrasaction="ignore")
+                if new:
+                    w.writeheader()
+                w.writerow(row)
+    print(f"\n{meta['machine']}, {meta['threads']} threads, commit {meta['commit']}\n")
+    print(compute_table(rows))
     return 0
 
 
