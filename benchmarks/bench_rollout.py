@@ -15,6 +15,11 @@ images add the VAE decode a rollout needs for its rewards. The largest differenc
 is reported (exactly 0 for latents in float32 on the CPU; bf16 on a GPU differs a little, since the
 pipeline keeps its latents in bf16 between steps and gpo-fast in float32).
 
+Compiled (`--outputs compiled`): the trainer's sampler for latents with the denoiser eager, then compiled as
+`model.compile = true` compiles it (SD3Model.compile_denoiser, torch.compile of the transformer's forward);
+first_call_s is the first compiled call (the compile itself, paid once per run and adapter state), the median is
+of the calls after it, and max_abs_diff the largest difference between the two latents.
+
 Scored rollouts (`--outputs scored`): the trainer's rollout of --prompts prompts x G images, drawn one group
 per sampler batch and scored by the counting reward (YOLO, --detector: yolo11n.yaml builds random weights
 offline, a .pt loads trained ones) with rollout.overlap_scoring off (serial: score, then draw the next
@@ -55,7 +60,7 @@ import torch
 
 RESULTS = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
 FIELDS = ["gpu", "commit", "model", "resolution", "group_size", "steps", "cfg", "output", "impl", "seconds_median",
-          "images_per_s", "peak_alloc_gb", "max_abs_diff"]
+          "images_per_s", "peak_alloc_gb", "max_abs_diff", "first_call_s"]
 PROMPT = "a photo of three cats"
 # SD3.5 Medium's vae/config.json (https://huggingface.co/Prgckwb/trpfrog-sd3.5-medium/blob/12d3330/vae/config.json,
 # saved from stabilityai/stable-diffusion-3.5-medium snapshot b940f670; SD3 Medium's VAE is the same)
@@ -119,7 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cfg", type=float, default=4.5)
     ap.add_argument("--repeats", type=int, default=3, help="timed rollouts per implementation (median reported)")
     ap.add_argument("--outputs", nargs="+", default=["latent", "images", "scored"],
-                    choices=["latent", "images", "scored"])
+                    choices=["latent", "images", "scored", "compiled"])
     ap.add_argument("--prompts", type=int, default=4, help="prompts per scored rollout (one group per batch)")
     ap.add_argument("--detector", default="yolo11n.yaml", help="the counting reward's YOLO for scored rollouts")
     ap.add_argument("--tiny", action="store_true", help="a tiny pipeline on the CPU, float32 (smoke test)")
@@ -171,7 +176,7 @@ def main(argv=None) -> int:
     name = args.model or ("tiny" if args.tiny else "sd35m-random")
     rev = commit()
     rows = []
-    for output in [o for o in args.outputs if o != "scored"]:
+    for output in [o for o in args.outputs if o in ("latent", "images")]:
         outs, pair = {}, []
         for impl, fn in (("pipeline", pipeline), ("ours", ours)):
             fn(output)  # warm-up (kernels, allocator)
@@ -202,6 +207,17 @@ def main(argv=None) -> int:
         p, o = (float(r["seconds_median"]) for r in pair)
         print(f"{output:6s}: pipeline {pair[0]['images_per_s']} images/s, ours {pair[1]['images_per_s']} images/s "
               f"({p / o:.2f}x); largest difference {diff:.3g}", flush=True)
+    if "compiled" in args.outputs:  # last: the compile changes the model for everything after it
+        pair = compiled(model, noise, args, g, cuda)
+        for r in pair:
+            r.update(gpu=gpu, commit=rev, model=name, resolution=resolution, group_size=g, steps=args.steps,
+                     cfg=args.cfg, output="compiled")
+        rows += pair
+        append_rows(args.csv, FIELDS, pair)
+        e_, c_ = (float(r["seconds_median"]) for r in pair)
+        print(f"compiled: eager {pair[0]['images_per_s']} images/s, compiled {pair[1]['images_per_s']} images/s "
+              f"({e_ / c_:.2f}x) after a first call of {pair[1]['first_call_s']} s; largest difference "
+              f"{pair[0]['max_abs_diff']}", flush=True)
     pair = scored_rollouts(model, args, g, cuda) if "scored" in args.outputs else []
     if pair:
         for r in pair:
@@ -220,6 +236,52 @@ def main(argv=None) -> int:
               f"{float(p['seconds_median']) / float(o['seconds_median']):.2f}x | {p['peak_alloc_gb'] or '-'} | "
               f"{o['peak_alloc_gb'] or '-'} |")
     return 0
+
+
+def timed(fn, repeats: int, cuda: bool) -> tuple[float, list[float]]:
+    """(seconds of the first call, seconds of each of `repeats` calls after it), synchronized on a GPU."""
+    times = []
+    for _ in range(repeats + 1):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times[0], times[1:]
+
+
+def compiled(model, noise, args, g: int, cuda: bool) -> list[dict]:
+    """The sampler's latents with the denoiser eager, then compiled in place (model.compile = true): two rows
+    (impl ours-eager, ours-compiled); the model stays compiled."""
+    from gpo_fast.sampling import sample
+
+    out = {}
+
+    def draw(impl):
+        def fn():
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                out[impl] = sample(model, [PROMPT] * g, steps=args.steps, cfg_scale=args.cfg,
+                                   generator=torch.Generator(), batch_size=g, noise=noise).float().cpu()
+        return fn
+
+    rows = []
+    for impl in ("ours-eager", "ours-compiled"):
+        if impl == "ours-compiled":
+            torch._dynamo.reset()
+            model.compile_denoiser()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        first, times = timed(draw(impl), args.repeats, cuda)
+        med = statistics.median(times)
+        rows.append(dict(impl=impl, seconds_median=f"{med:.4f}", images_per_s=f"{g / med:.2f}",
+                         peak_alloc_gb=f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if cuda else "",
+                         first_call_s=f"{first:.2f}"))
+    diff = (out["ours-compiled"] - out["ours-eager"]).abs().max().item()
+    for r in rows:
+        r["max_abs_diff"] = f"{diff:.3g}"
+    return rows
 
 
 def scored_rollouts(model, args, g: int, cuda: bool) -> list[dict]:

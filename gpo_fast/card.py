@@ -100,8 +100,12 @@ def model_card(config: Config, summary: dict, folder: Path, grid: str | None) ->
         "## Held-out accuracy",
         "",
         f"| | accuracy | samples |\n|---|---|---|\n"
-        f"| base | {summary['accuracy_before']:.3f} | {summary['eval_samples']} |\n"
-        f"| this {'adapter' if config.lora.enabled else 'model'} | {summary['accuracy_after']:.3f} | "
+        + (f"| base, guidance {summary['base_cfg_scale']:g} | {summary['accuracy_base_guided']:.3f} | "
+           f"{summary['eval_samples']} |\n" if "accuracy_base_guided" in summary else "")
+        + f"| base{', no guidance' if 'accuracy_base_guided' in summary else ''} | {summary['accuracy_before']:.3f} | "
+        f"{summary['eval_samples']} |\n"
+        f"| this {'adapter' if config.lora.enabled else 'model'}"
+        f"{', no guidance' if 'accuracy_base_guided' in summary else ''} | {summary['accuracy_after']:.3f} | "
         f"{summary['eval_samples']} |",
         "",
         f"Gain {100 * summary['gain']:+.1f} points, 95% interval [{100 * lo:+.1f}, {100 * hi:+.1f}] (the same "

@@ -181,10 +181,14 @@ def build_task(config: Config, device: torch.device) -> Task:
     return Task(reward, train_prompts, eval_prompts, val_prompts, watch)
 
 
-def build_evaluator(config: Config, task: Task, device: torch.device, split: str = "eval"):
+def build_evaluator(config: Config, task: Task, device: torch.device, split: str = "eval",
+                    cfg_scale: float | None = None):
     """The held-out evaluator of the config (gpo_fast.evaluate): the toy world's counter, or the task's
-    reward over its eval prompts (split "val": over its val prompts, when it has some)."""
+    reward over its eval prompts (split "val": over its val prompts, when it has some); at cfg_scale instead of
+    eval.cfg_scale when given."""
     ev = config.eval
+    if cfg_scale is not None:
+        ev = ev.model_copy(update={"cfg_scale": cfg_scale})
     prompts = task.val_prompts if split == "val" and task.val_prompts else task.eval_prompts
     precision = autocast_for(device)
     if config.model.kind == "toy":

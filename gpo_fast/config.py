@@ -200,6 +200,11 @@ class EvalSection(_Section):
     steps: int = Field(12, ge=1, le=1000, description="Sampler steps in evaluations (eval.solver's).")
     cfg_scale: float = Field(2.0, ge=1.0, le=30.0, description="Classifier-free guidance scale in evaluations.")
     solver: Solver = Field("euler", description="ODE solver in evaluations (see rollout.solver).")
+    base_cfg_scale: float = Field(2.0, ge=0.0, le=30.0, description=(
+        "A run that evaluates without guidance (eval.cfg_scale = 1) also evaluates the base model at this guidance "
+        "before training: the base as it is usually sampled, which a guidance-free adapter has to beat. Its accuracy "
+        "goes to summary.json (accuracy_base_guided) and its images beside the others in before_after.png "
+        "(0 or 1: not evaluated)."))
     seed: int = Field(10_000, description="Seed of the held-out noise (disjoint from training seeds).")
     watch_multiple: float = Field(1.0, ge=0.0, description=(
         "Reward-hacking watch: warn once when an image statistic the reward does not see (brightness, saturation, "
@@ -282,7 +287,7 @@ _SD35M = {
     "train": {"rollouts": 300, "inner_updates": 2, "objective": "gpo", "beta": 1000.0, "beta_per_member": False,
               "reference_decay": 0.0, "lr": 1e-4, "warmup_updates": 20, "micro_batch": 8,
               "gradient_checkpointing": True, "sigma_dist": "logit-normal"},
-    "eval": {"samples": 400, "every": 50, "steps": 28, "cfg_scale": 4.5},
+    "eval": {"samples": 400, "every": 50, "steps": 28, "cfg_scale": 4.5, "base_cfg_scale": 4.5},
     "out": "runs/sd35m",
 }
 
@@ -334,6 +339,8 @@ _SD35M_WHY = {
     "eval.every": "Keeps the best of 6 checkpoints (on validation seeds).",
     "eval.steps": "diffusers' default for SD3.",
     "eval.cfg_scale": "As in the rollouts.",
+    "eval.base_cfg_scale": "SD3.5-M's recommended guidance: a guidance-free run is measured against the base as "
+                           "its users sample it.",
 }
 
 # Why each preset sets each key (tests/test_docs.py: every key a preset sets has a reason here, and only those)

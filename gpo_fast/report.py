@@ -114,11 +114,20 @@ def _accuracy_title(name: str, metrics: dict | None) -> str:
 
 
 def save_before_after(before, after, path: Path, before_metrics: dict | None = None,
-                      after_metrics: dict | None = None) -> None:
-    """The same held-out prompts and seeds before (left) and after (right), labelled and marked."""
-    k = min(50, len(before), len(after))
-    save_panels([(_accuracy_title("before", before_metrics), before.head(k)),
-                 (_accuracy_title("after", after_metrics), after.head(k))], path)
+                      after_metrics: dict | None = None, guided: tuple | None = None) -> None:
+    """The same held-out prompts and seeds before (left) and after (right), labelled and marked. guided:
+    (tiles, metrics, scale) of the base with guidance, for a run evaluated without: then three panels, the base
+    with guidance, the base without, the tuned model without."""
+    if guided is None:
+        k = min(50, len(before), len(after))
+        save_panels([(_accuracy_title("before", before_metrics), before.head(k)),
+                     (_accuracy_title("after", after_metrics), after.head(k))], path)
+        return
+    tiles, metrics, scale = guided
+    k = min(50, len(before), len(after), len(tiles))
+    save_panels([(_accuracy_title(f"base, guidance {scale:g}", metrics), tiles.head(k)),
+                 (_accuracy_title("base, no guidance", before_metrics), before.head(k)),
+                 (_accuracy_title("tuned, no guidance", after_metrics), after.head(k))], path)
 
 
 def _pyplot():

@@ -75,6 +75,8 @@ class LoopState:
     degenerate_streak: int = 0
     before: dict | None = None  # the base model's held-out metrics
     before_tiles: Tiles | None = None  # the first held-out samples of the base model, for before_after.png
+    before_guided: dict | None = None  # a guidance-free run's base evaluated with guidance (eval.base_cfg_scale)
+    before_guided_tiles: Tiles | None = None
     val_start: float | None = None  # the base model's validation accuracy (rollout 0 of reward_curve.png)
     best: dict | None = None  # {"rollout", "accuracy" (validation), "state" (the trained weights)}
     history: list[dict] = field(default_factory=list)  # the metrics rows so far
@@ -132,9 +134,22 @@ class Run:
         self._count_evaluation()
         return self.evaluator(self.model, self.config.eval.seed)
 
-    def _count_evaluation(self) -> None:
+    @property
+    def guided_base_scale(self) -> float | None:
+        """The guidance the base is also evaluated at: a run evaluated without guidance, eval.base_cfg_scale > 1."""
         ev = self.config.eval
-        self.state.flops["eval"] += self.unit_flops.sampling(ev.samples, ev.steps, ev.cfg_scale)
+        return ev.base_cfg_scale if ev.cfg_scale == 1.0 and ev.base_cfg_scale > 1.0 else None
+
+    def held_out_guided(self) -> tuple[dict, torch.Tensor]:
+        """The held-out evaluation at guided_base_scale (the same prompts and seeds)."""
+        scale = self.guided_base_scale
+        self._count_evaluation(scale)
+        return build_evaluator(self.config, self.task, self.model.device, cfg_scale=scale)(self.model,
+                                                                                           self.config.eval.seed)
+
+    def _count_evaluation(self, cfg_scale: float | None = None) -> None:
+        ev = self.config.eval
+        self.state.flops["eval"] += self.unit_flops.sampling(ev.samples, ev.steps, cfg_scale or ev.cfg_scale)
 
     @contextlib.contextmanager
     def averaged(self):
@@ -153,6 +168,8 @@ class Run:
             "reference_ema": None if self.reference_ema is None else self.reference_ema.state_dict(),
             "before": st.before, "best": st.best, "val_start": st.val_start,
             "before_tiles": None if st.before_tiles is None else st.before_tiles.state(),
+            "before_guided": st.before_guided,
+            "before_guided_tiles": None if st.before_guided_tiles is None else st.before_guided_tiles.state(),
             "config": self.config.model_dump(mode="json"),
             "watch": None if st.watch is None else {"base": st.watch.base, "warning": st.watch.warning,
                                                     "max_drift": st.watch.max_drift},
@@ -174,6 +191,8 @@ class Run:
         st.rollout, st.updates = ck["rollout"], ck["updates"]
         st.before, st.best, st.val_start = ck["before"], ck["best"], ck.get("val_start")
         st.before_tiles = Tiles.from_state(ck.get("before_tiles", ck.get("before_images")))
+        st.before_guided = ck.get("before_guided")
+        st.before_guided_tiles = Tiles.from_state(ck.get("before_guided_tiles"))
         counters = ck.get("counters", {})
         st.skipped_updates = counters.get("skipped_updates", 0)
         st.bad_updates_in_a_row = counters.get("bad_updates_in_a_row", 0)
@@ -261,6 +280,11 @@ def begin(run: Run, resume: Path | None) -> None:
         st.before_tiles = tiles.head(50)  # all a grid shows
         run.log(f"before: accuracy {st.before['accuracy']:.3f} +- {st.before['accuracy_stderr']:.3f} on "
                 f"{ev.samples} held-out samples")
+    if run.guided_base_scale and st.before_guided is None:  # fresh, or a resume of a run from before the key
+        st.before_guided, tiles = run.held_out_guided()
+        st.before_guided_tiles = tiles.head(50)
+        run.log(f"before, with guidance {run.guided_base_scale:g}: accuracy {st.before_guided['accuracy']:.3f} "
+                f"+- {st.before_guided['accuracy_stderr']:.3f} (the base as it is usually sampled)")
     if ev.every and st.best is None:  # a fresh run, or validation switched on at the resume: start from here
         with run.averaged():
             metrics, _ = run.validate()
@@ -445,10 +469,15 @@ def finish(run: Run, start: float) -> RunResult:
                   "train_to_kept": next((h.get("flops") for h in st.history if h["rollout"] == st.best["rollout"]), 0),
                   "unit": run.unit_flops.to_json()},
     }
+    if st.before_guided is not None and run.guided_base_scale:
+        summary.update(base_cfg_scale=run.guided_base_scale, accuracy_base_guided=st.before_guided["accuracy"],
+                       gain_over_guided_base=after["accuracy"] - st.before_guided["accuracy"])
     for key, name in run.evaluator.headline.items():  # what this evaluator reports beside accuracy
         summary.update({f"{name}_before": st.before[key], f"{name}_after": after[key]})
     write_json(run.out / "summary.json", summary)
-    save_before_after(st.before_tiles, after_tiles, run.out / "before_after.png", st.before, after)
+    guided = None if "base_cfg_scale" not in summary else (st.before_guided_tiles, st.before_guided,
+                                                              summary["base_cfg_scale"])
+    save_before_after(st.before_tiles, after_tiles, run.out / "before_after.png", st.before, after, guided=guided)
     save_reward_curve(st.history, run.out / "reward_curve.png", val_start=st.val_start, before=st.before["accuracy"],
                       after=after["accuracy"], kept_rollout=st.best["rollout"])
     run.trackers.log({f"final/{k}": v for k, v in summary.items() if k.startswith(("accuracy_", "gain"))}, st.rollout)

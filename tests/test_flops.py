@@ -63,9 +63,11 @@ def test_a_run_counts_its_rollouts_updates_and_evaluations(tmp_path):
     assert [r["flops_update"] for r in rows] == [3 * per_update, 6 * per_update]
     assert [r["flops"] for r in rows] == [r["flops_rollout"] + r["flops_update"] for r in rows]
     per_eval = 20 * 3 * unit.forward  # no guidance in the evaluations: one forward per step
-    assert [r["flops_eval"] for r in rows] == [3 * per_eval, 4 * per_eval]  # before, the base's validation, ...
+    guided = 2 * per_eval  # and the base once with guidance (eval.base_cfg_scale): two forwards per step
+    # before (twice), the base's validation, ...
+    assert [r["flops_eval"] for r in rows] == [3 * per_eval + guided, 4 * per_eval + guided]
     flops = result.summary["flops"]
-    assert flops["eval"] == 5 * per_eval and flops["train"] == rows[-1]["flops"]  # ... and after
+    assert flops["eval"] == 5 * per_eval + guided and flops["train"] == rows[-1]["flops"]  # ... and after
     kept = result.summary["best_rollout"]
     assert flops["train_to_kept"] == ([0] + [r["flops"] for r in rows])[kept]
     assert unit == measure_unit_flops(result.model, "one dot")  # the run's own model, as configured

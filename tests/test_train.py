@@ -165,3 +165,39 @@ def test_rollout_and_eval_solvers_reach_the_sampler_and_the_training_noise_level
     train(cfg, log=lambda *a: None)
     assert set(used) == {(3, "dpm++2m"), (5, "euler")}
     torch.testing.assert_close(schedules[0], ToyModel().schedule(3, "dpm++2m"))
+
+
+def test_a_guidance_free_run_measures_the_base_with_guidance_too(tmp_path, monkeypatch):
+    """rollout.cfg_scale = eval.cfg_scale = 1: the base is also evaluated at eval.base_cfg_scale (what a
+    guidance-free adapter has to beat), once, shown first in before_after.png and kept through a resume."""
+    import gpo_fast.report as report
+    from gpo_fast.tuned import run_eval
+
+    titles = []
+    real = report.save_panels
+    monkeypatch.setattr(report, "save_panels", lambda panels, path, **kw: (titles.append([t for t, _ in panels]),
+                                                                           real(panels, path, **kw)))
+    overrides = [f"out=\"{tmp_path / 'run'}\"", "train.rollouts=2", "train.inner_updates=1", "rollout.prompts=2",
+                 "rollout.group_size=4", "rollout.steps=2", "rollout.cfg_scale=1", "eval.cfg_scale=1",
+                 "eval.samples=30", "eval.steps=3", "eval.every=0", "train.checkpoint_every=1", 'log.report_to=["none"]']
+    summary = train(load_config(overrides=overrides), log=lambda *a: None).summary
+    guided = run_eval(load_config(overrides=[*overrides, "eval.cfg_scale=2"]), None, tmp_path / "eval2",
+                      log=lambda *a: None)["base"]
+    assert summary["base_cfg_scale"] == 2.0
+    assert summary["accuracy_base_guided"] == guided["accuracy"]
+    assert summary["gain_over_guided_base"] == summary["accuracy_after"] - guided["accuracy"]
+    assert summary["eval_before"]["image_stats"] != guided["image_stats"]  # the base without guidance differs
+    assert titles[-1][0].startswith("base, guidance 2: accuracy") and titles[-1][1].startswith("base, no guidance")
+    assert titles[-1][2].startswith("tuned, no guidance")
+    card = (tmp_path / "run" / "adapter" / "README.md").read_text()
+    assert f"| base, guidance 2 | {guided['accuracy']:.3f} |" in card and "| base, no guidance |" in card
+
+    # resumed from rollout 1: the guided base comes from the checkpoint, not evaluated again
+    again = train(load_config(overrides=overrides), log=lambda *a: None,
+                  resume=tmp_path / "run" / "checkpoints" / "rollout-000001").summary
+    assert again["accuracy_base_guided"] == summary["accuracy_base_guided"]
+    assert again["flops"]["eval"] == summary["flops"]["eval"]
+    # with guidance in the evaluations there is nothing more to compare with
+    plain = train(load_config(overrides=[*overrides[:-1], f"out=\"{tmp_path / 'plain'}\"", "eval.cfg_scale=2",
+                                         'log.report_to=["none"]']), log=lambda *a: None).summary
+    assert "accuracy_base_guided" not in plain and titles[-1] == [t for t in titles[-1] if t.startswith(("before", "after"))]
