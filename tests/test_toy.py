@@ -134,6 +134,41 @@ def test_counts_per_n_is_the_confusion_of_asked_and_drawn_counts_with_an_overflo
     assert table[5][5] == 1.0 and table[3] == [0.0] * 7  # a count never asked: an empty row
 
 
+def test_an_adapter_with_alpha_not_rank_loads_at_full_strength_where_alpha_is_ignored(tmp_path):
+    """alpha / rank is folded into lora_B: a loader that applies B @ A at scale 1 (ComfyUI without `.alpha`
+    tensors, diffusers issue #9134) adds what the trained adapter adds; diffusers still loads the same policy."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    model = ToyModel.from_pretrained()
+    model.add_lora(4, 12.0, ["to_q", "to_v", "add_k_proj"])  # scale 3
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    model.save_adapter(tmp_path)
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    with safe_open(str(path), "pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert not any(k.endswith(".alpha") for k in saved)
+    assert metadata["transformer.lora_alpha"] == metadata["transformer.r"] == 4  # alpha / rank = 1: folded
+    layers = [(n, m) for n, m in model.transformer.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    assert len(layers) > 3
+    for name, layer in layers:
+        trained = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        at_scale_one = saved[f"transformer.{name}.lora_B.weight"] @ saved[f"transformer.{name}.lora_A.weight"]
+        assert layer.scaling["default"] == 3.0
+        torch.testing.assert_close(at_scale_one, trained.detach(), rtol=1e-6, atol=1e-7)
+    fresh = ToyModel.from_pretrained()
+    fresh.load_adapter(tmp_path)
+    x, sigma = torch.randn(2, 1, 16, 16), torch.tensor(0.7)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.predict(x, sigma, fresh.encode_prompts(["two dots", "4 dots"])),
+                                   model.predict(x, sigma, model.encode_prompts(["two dots", "4 dots"])),
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_adapter_saved_in_diffusers_format_loads_back_to_the_same_policy(tmp_path):
     torch.manual_seed(0)
     lora = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]

@@ -160,14 +160,27 @@ class AdapterMixin:
 
     def save_adapter(self, directory: Path) -> None:
         """The LoRA adapter in diffusers' pipeline format (pytorch_lora_weights.safetensors, keys
-        prefixed `transformer.`), the layout `load_lora_weights` of a diffusers pipeline reads."""
+        prefixed `transformer.`), the layout `load_lora_weights` of a diffusers pipeline reads.
+
+        The scale alpha / rank is folded into lora_B and the file says alpha = rank: tools that read diffusers'
+        SD3 keys but scale by alpha / rank only when an `.alpha` tensor is present (ComfyUI among them, diffusers
+        issue #9134) would otherwise apply the adapter at scale 1, the wrong strength whenever alpha != rank.
+        Folded, every loader gets the trained strength, and diffusers the same weights as before."""
         from diffusers import StableDiffusion3Pipeline
         from peft.utils import get_peft_model_state_dict
 
+        config = self.transformer.peft_config["default"]
+        scales = {m.scaling["default"] for m in self.transformer.modules()
+                  if isinstance(getattr(m, "scaling", None), dict) and "default" in m.scaling}
+        if len(scales) != 1:  # one rank and alpha for every layer is all add_lora makes
+            raise RuntimeError(f"the adapter's layers have different scales {sorted(scales)}; cannot fold them")
+        scale = scales.pop()
+        state = {k: v * scale if ".lora_B." in k else v for k, v in get_peft_model_state_dict(self.transformer).items()}
+        metadata = {**config.to_dict(), "lora_alpha": config.r}  # the scale is in lora_B now: alpha / rank = 1
         StableDiffusion3Pipeline.save_lora_weights(
-            str(directory), transformer_lora_layers=get_peft_model_state_dict(self.transformer),
-            # rank and alpha travel with the weights: without them a loader assumes alpha = rank
-            transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
+            str(directory), transformer_lora_layers=state,
+            # rank and alpha travel with the weights (alpha = rank, what a loader assumes without them)
+            transformer_lora_adapter_metadata=metadata,
         )
 
     def load_adapter(self, directory: Path) -> None:
