@@ -35,6 +35,10 @@ class _Command(TyperCommand):
         except UserError as e:
             if ctx.params.get("debug"):
                 raise
+            code = getattr(e, "exit_code", None)  # RunStopped: stopped on request, resumable (gpo_fast.stop)
+            if code is not None:
+                typer.secho(f"stopped: {e}", fg=typer.colors.YELLOW, err=True)
+                raise typer.Exit(code)
             _fail(str(e))
 
 
@@ -75,8 +79,11 @@ def train_cmd(
                                    help="Override one key, e.g. --set train.lr=1e-3 (repeatable; value in TOML syntax)."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default: the config's `out`, runs/gpo-toy)."),
     seed: Optional[int] = typer.Option(None, help="Seed of the rollouts, the noise and the adapter's init."),
-    vram: Optional[int] = typer.Option(None, help="SD3 on a card of 8, 12, 16 or 24 GB: resolution, group size, "
-                                                  "micro-batch and quantization that fit it (before --set)."),
+    vram: Optional[str] = typer.Option(None, metavar="8|12|16|24|auto",
+                                       help="SD3 on a card of 8, 12, 16 or 24 GB: resolution, group size, micro-batch "
+                                            "and quantization that fit it (before --set). auto: the largest preset "
+                                            "whose planned peak fits this machine's GPU; the default for the SD3.5 "
+                                            "presets without a config file when a CUDA GPU is present."),
     resume: Optional[str] = typer.Option(None, metavar="RUN_DIR|latest",
                                          help="Continue a run exactly from its last checkpoint (its config.toml; "
                                               "--set may change only keys that leave the math alone)."),
@@ -100,8 +107,7 @@ def train_cmd(
         set_ = [*set_, "log.report_to=" + json.dumps([t.strip() for t in report_to.split(",") if t.strip()])]
     if resume is not None:
         return _resume(resume, list(set_))
-    if vram is not None and vram not in VRAM_PRESETS:
-        _fail(f"--vram {vram} is not a preset; choose one of {', '.join(map(str, sorted(VRAM_PRESETS)))}")
+    vram = _vram(vram, preset, config_file)
     overrides = [*(VRAM_PRESETS[vram] if vram else []), *set_]
     if out is not None:
         overrides.append(f"out={json.dumps(str(out))}")
@@ -116,6 +122,38 @@ def train_cmd(
     nxt = smaller_vram(vram)
     hint = f"try --vram {nxt}" if nxt else "lower train.micro_batch, rollout.batch_size or model.resolution"
     _run_training(config, f"{hint} (checkpoints already written in {config.out} are intact)")
+
+
+def _vram(vram: str | None, preset: str, config_file: Path | None) -> int | None:
+    """--vram as a preset size: a number, or auto (the default for an SD3.5 preset with no config file when a CUDA
+    GPU is present): the largest preset whose planned peak fits the GPU, said with why."""
+    from gpo_fast.config import VRAM_PRESETS
+
+    explicit = vram is not None
+    if vram is None:
+        import torch
+
+        if not (preset.startswith("sd35m") and config_file is None and torch.cuda.is_available()):
+            return None
+        vram = "auto"
+    if vram != "auto":
+        if not vram.isdigit() or int(vram) not in VRAM_PRESETS:
+            _fail(f"--vram {vram} is not a preset; choose one of {', '.join(map(str, sorted(VRAM_PRESETS)))} or auto")
+        return int(vram)
+    import torch
+
+    from gpo_fast.plan import auto_vram
+
+    if not torch.cuda.is_available():
+        _fail("--vram auto: there is no CUDA GPU here to fit; name a preset (--vram 8, 12, 16 or 24) or leave "
+              "--vram out")
+    device = int(os.environ.get("LOCAL_RANK", "0"))  # under a launcher, this process's own card
+    props = torch.cuda.get_device_properties(device)
+    chosen, why = auto_vram(props.total_memory)
+    if chosen is None:
+        _fail(f"--vram auto on {props.name}: {why}; this card is too small for SD3.5 Medium as planned")
+    typer.echo(f"{'--vram auto' if explicit else 'no --vram given, so --vram auto'} on {props.name}: {why}", err=True)
+    return chosen
 
 
 def _resume(resume: str, set_: list[str]) -> None:

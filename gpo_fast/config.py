@@ -392,6 +392,13 @@ VRAM_PRESETS: dict[int, list[str]] = {
 }
 
 
+# The planned peak of each --vram preset (GiB, to 0.01; the two SD3.5 presets plan the same), from
+# `gpo-fast plan --vram N`: `--vram auto` picks the largest preset whose peak fits the card. tests/test_plan.py
+# holds this table equal to the planner, so a change to a preset or to the planner that moves a peak fails CI
+# until the table is updated.
+VRAM_PLANNED_PEAK_GIB: dict[int, float] = {24: 10.84, 16: 6.77, 12: 8.13, 8: 3.76}
+
+
 def smaller_vram(vram: int | None) -> int | None:
     """The next smaller --vram preset (for an out-of-memory message), or None."""
     sizes = sorted(VRAM_PRESETS, reverse=True)

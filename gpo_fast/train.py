@@ -43,6 +43,7 @@ from gpo_fast.prompts import write_jsonl
 from gpo_fast.rewards.base import RewardResult
 from gpo_fast.report import gain_interval, save_before_after, save_grid, save_reward_curve, write_atomic, write_json
 from gpo_fast.sampling import rollout
+from gpo_fast.stop import RunStopped, StopNow, StopRequests
 from gpo_fast.tracking import Trackers, check_trackers
 from gpo_fast.update import (degenerate_fraction, gpo_update, loss_spec, make_ema, make_optimizer, make_schedule,
                              swapped_in)
@@ -82,6 +83,8 @@ class LoopState:
     history: list[dict] = field(default_factory=list)  # the metrics rows so far
     watch: DriftWatch | None = None  # the reward-hacking watch, from the base model's validation
     flops: dict = field(default_factory=lambda: dict.fromkeys(FLOP_KINDS, 0))  # cumulative, all processes
+    micro_batch: int | None = None  # train.micro_batch after an out-of-memory retry halved it (None: the config's)
+    rollout_batch: int | None = None  # rollout.batch_size after an out-of-memory retry halved it (None: the config's)
 
 
 @dataclass
@@ -174,7 +177,8 @@ class Run:
             "watch": None if st.watch is None else {"base": st.watch.base, "warning": st.watch.warning,
                                                     "max_drift": st.watch.max_drift},
             "counters": {"skipped_updates": st.skipped_updates, "bad_updates_in_a_row": st.bad_updates_in_a_row,
-                         "degenerate_streak": st.degenerate_streak, "flops": dict(st.flops)},
+                         "degenerate_streak": st.degenerate_streak, "flops": dict(st.flops),
+                         "micro_batch": st.micro_batch, "rollout_batch": st.rollout_batch},
         }, keep=self.config.train.keep_checkpoints)
 
     def restore(self, ck: dict) -> None:
@@ -198,6 +202,7 @@ class Run:
         st.bad_updates_in_a_row = counters.get("bad_updates_in_a_row", 0)
         st.degenerate_streak = counters.get("degenerate_streak", 0)
         st.flops = {**dict.fromkeys(FLOP_KINDS, 0), **counters.get("flops", {})}
+        st.micro_batch, st.rollout_batch = counters.get("micro_batch"), counters.get("rollout_batch")
         st.history = _metrics_until(self.out / "metrics.jsonl", st.rollout) if self.main else []
         if ck.get("watch"):
             st.watch = DriftWatch(ck["watch"]["base"], self.config.eval.watch_multiple)
@@ -209,24 +214,85 @@ def train(config: Config, log=print, progress=None, on_update=None, resume: Path
 
     progress(row) is called after each rollout with its metrics row; on_update(done) after each update.
     resume: a checkpoint folder (run/checkpoints/rollout-N) to continue from exactly.
+    SIGTERM, SIGINT or SIGUSR1 during the rollouts: a checkpoint, then RunStopped (gpo_fast.stop).
     """
     start = time.time()
     run = setup(config, log, resume)
     begin(run, resume)
-    for rollout_index in range(run.state.rollout + 1, config.train.rollouts + 1):
-        run.state.rollout = rollout_index
-        t0 = time.time()
-        batch = sample_and_score(run)
-        stats, grad_norm = update(run, batch, on_update)
-        row = record(run, batch, stats, grad_norm, time.time() - t0)
-        if progress is not None and run.main:
-            progress(row)
-        every = config.train.checkpoint_every
-        if run.main and every and rollout_index % every == 0 and rollout_index < config.train.rollouts:
-            run.save_checkpoint()
-        if out_of_time(run, start):
-            break
+    every = config.train.checkpoint_every
+    with StopRequests(interrupt_sampling=run.dist.world == 1) as stop:
+        for rollout_index in range(run.state.rollout + 1, config.train.rollouts + 1):
+            run.state.rollout = rollout_index
+            t0 = time.time()
+            at_start = (rng_state(run.state.generator), dict(run.state.flops))  # a stop during sampling goes back here
+            try:
+                stop.sampling = True
+                batch = sample_and_score(run)
+            except StopNow:
+                batch = None
+            finally:
+                stop.sampling = False
+            if batch is None or _agreed(run, stop):  # stopped while sampling: the state as of this rollout's start
+                set_rng_state(at_start[0], run.state.generator)
+                run.state.flops, run.state.rollout = at_start[1], rollout_index - 1
+                _stop(run, stop, saved=False)
+            stats, grad_norm = update(run, batch, on_update)
+            row = record(run, batch, stats, grad_norm, time.time() - t0)
+            if progress is not None and run.main:
+                progress(row)
+            saved = bool(every and rollout_index % every == 0 and rollout_index < config.train.rollouts)
+            if run.main and saved:
+                run.save_checkpoint()
+            if _agreed(run, stop):  # stopped during the updates: the state as of this rollout's end
+                _stop(run, stop, saved=saved)
+            if out_of_time(run, start):
+                break
     return finish(run, start)
+
+
+def _any_rank(run: Run, flag: bool) -> bool:
+    """Whether the flag is set on any rank (every rank gets the same answer: one all-reduce)."""
+    if run.dist.world == 1:
+        return flag
+    return bool(run.dist.sum(torch.tensor([float(flag)])).item() > 0)
+
+
+def _halved(run: Run, key: str, size: int, group: int, error: BaseException | None) -> int:
+    """After an out-of-memory error: the next size to try, half of `size` (whole groups while a group fits, then
+    below a group), freed memory first and a line said; when one sample did not fit, the error again (on every
+    rank; the CLI names the next smaller --vram preset)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if size <= 1:
+        raise error or torch.cuda.OutOfMemoryError(f"another process ran out of GPU memory at {key} = 1")
+    half = size // 2
+    smaller = half // group * group if half >= group else half
+    run.log(f"out of GPU memory at {key} = {size} (rollout {run.state.rollout}); retrying at {smaller}, kept for the "
+            "rest of the run")
+    return smaller
+
+
+def _agreed(run: Run, stop: StopRequests) -> bool:
+    """Whether any rank was asked to stop (every rank gets the same answer)."""
+    return _any_rank(run, stop.requested is not None)
+
+
+def _stop(run: Run, stop: StopRequests, saved: bool) -> None:
+    """Write the checkpoint of state.rollout (unless just written), close the records, raise RunStopped."""
+    st = run.state
+    if run.main:
+        if not saved:
+            run.save_checkpoint()
+        run.metrics_file.close()
+        if run.trackers is not None:
+            run.trackers.finish()
+    run.dist.barrier()
+    raise RunStopped(f"stopped on request ({stop.requested or 'another process'}) with rollout {st.rollout} of "
+                     f"{run.config.train.rollouts} checkpointed; continue exactly where it stopped with: "
+                     f"gpo-fast train --resume {run.out}")
 
 
 # ---------------------------------------------------------------------------------------------- phases
@@ -310,12 +376,22 @@ def sample_and_score(run: Run) -> Batch:
     def score(images, start):  # one finished batch, in a worker thread while the next is drawn (overlap_scoring)
         return reward.measure(images, per_sample[start:start + len(images)])
 
+    while True:  # an out-of-memory error on any rank: every rank draws its rollout again at half the batch
+        batch_size = run.state.rollout_batch or ro.batch_size
+        try:
+            with run.precision():
+                _, x0, _, parts = rollout(run.model, [p.text for p in prompts], ro.group_size, steps=ro.steps,
+                                          cfg_scale=ro.cfg_scale, generator=gen, batch_size=batch_size, noise=noise,
+                                          solver=ro.solver, score=score, overlap=ro.overlap_scoring)
+            out_of_memory = None
+        except torch.cuda.OutOfMemoryError as e:
+            out_of_memory = e
+        if not _any_rank(run, out_of_memory is not None):
+            break
+        x0 = parts = None
+        run.state.rollout_batch = _halved(run, "rollout.batch_size", batch_size or len(per_sample), ro.group_size,
+                                          out_of_memory)
     run.state.flops["rollout"] += run.unit_flops.sampling(ro.prompts * ro.group_size, ro.steps, ro.cfg_scale)
-    with run.precision():
-        _, x0, _, parts = rollout(run.model, [p.text for p in prompts], ro.group_size, steps=ro.steps,
-                                  cfg_scale=ro.cfg_scale, generator=gen, batch_size=ro.batch_size, noise=noise,
-                                  solver=ro.solver,
-                                  score=score, overlap=ro.overlap_scoring)
     scored = RewardResult(torch.cat([s.reward.float() for s in parts]), torch.cat([s.correct for s in parts]),
                           [d for s in parts for d in s.details])
     failed = int(run.dist.sum((~torch.isfinite(scored.reward)).sum()))
@@ -330,12 +406,29 @@ def update(run: Run, batch: Batch, on_update=None) -> tuple[list[dict], float]:
     config, st, params = run.config, run.state, run.params
     stats, grad_norm = [], math.nan
     for _ in range(config.train.inner_updates):
-        run.opt.zero_grad(set_to_none=True)
-        run.model.train()
-        with run.precision():
-            reference = None if run.reference_ema is None else swapped_in(run.reference_ema, params)
-            stats.append(gpo_update(run.model, batch.x0, batch.texts, batch.rewards, config, st.generator, run.dist,
-                                    reference))
+        at_start = rng_state(st.generator)  # a retry draws the same noise levels and noise
+        while True:  # an out-of-memory error on any rank: every rank redoes this update at half the micro-batch
+            run.opt.zero_grad(set_to_none=True)
+            run.model.train()
+            micro_batch = st.micro_batch or config.train.micro_batch
+            sized = config if micro_batch == config.train.micro_batch else config.model_copy(
+                update={"train": config.train.model_copy(update={"micro_batch": micro_batch})})
+            try:
+                with run.precision():
+                    reference = None if run.reference_ema is None else swapped_in(run.reference_ema, params)
+                    result = gpo_update(run.model, batch.x0, batch.texts, batch.rewards, sized, st.generator,
+                                        run.dist, reference)
+                out_of_memory = None
+            except torch.cuda.OutOfMemoryError as e:
+                out_of_memory = e
+            if not _any_rank(run, out_of_memory is not None):
+                break
+            run.opt.zero_grad(set_to_none=True)
+            set_rng_state(at_start, st.generator)
+            n = batch.x0.shape[0]
+            st.micro_batch = _halved(run, "train.micro_batch", micro_batch if 0 < micro_batch < n else n,
+                                     loss_spec(config).group_size, out_of_memory)
+        stats.append(result)
         run.dist.sum_grads(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.train.grad_clip).item()
         if not (math.isfinite(stats[-1]["loss"]) and math.isfinite(grad_norm)):
@@ -380,7 +473,8 @@ def record(run: Run, batch: Batch, stats: list[dict], grad_norm: float, seconds:
     passes = dist.sum(torch.tensor([sum(s["forward_samples"] for s in stats), sum(s["train_samples"] for s in stats)]))
     st.flops["update"] += run.unit_flops.update(int(passes[0]), int(passes[1]))
     row.update(flops=st.flops["rollout"] + st.flops["update"], flops_rollout=st.flops["rollout"],
-               flops_update=st.flops["update"])
+               flops_update=st.flops["update"], micro_batch=st.micro_batch or run.config.train.micro_batch,
+               rollout_batch=st.rollout_batch or run.config.rollout.batch_size)
     st.history.append(row)
     _warn_if_degenerate(run, row, len(every_reward))
     if not run.main:

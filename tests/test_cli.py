@@ -111,6 +111,51 @@ def test_out_of_memory_names_the_next_smaller_preset(vram, nxt, monkeypatch, tmp
     assert res.exit_code == 2 and nxt in res.output and "Traceback" not in res.output
 
 
+@pytest.mark.parametrize("gib, explicit, chosen", [(23.99, True, 24), (15.7, True, 24), (11.7, False, 16),
+                                                     (7.6, False, 8), (3.0, True, None)])
+def test_vram_auto_picks_the_largest_preset_whose_planned_peak_fits_the_card(gib, explicit, chosen, monkeypatch,
+                                                                             tmp_path):
+    """--vram auto (and the SD3.5 presets' default with a GPU): the largest preset whose planned peak
+    (VRAM_PLANNED_PEAK_GIB) fits the card less the context and slack: a 16 GB card fits the 24 GB preset's plan,
+    a 12 GB card the 16 GB preset's (below the 12 GB preset's own peak); a card below every peak is one sentence."""
+    import torch
+    from typer.testing import CliRunner
+
+    from gpo_fast import cli
+    from gpo_fast.config import VRAM_PRESETS, load_config
+    from gpo_fast.plan import GIB
+
+    seen = []
+    monkeypatch.setattr(cli, "_train_with_progress", lambda config, resume=None: seen.append(config))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: type("Props", (), {"name": "Fake GPU", "total_memory": int(gib * GIB)})())
+    res = CliRunner().invoke(cli.app, ["train", "--preset", "sd35m-counting", *(["--vram", "auto"] if explicit else []),
+                                       "--out", str(tmp_path / "r")])
+    if chosen is None:
+        assert res.exit_code == 2 and "no --vram preset fits" in res.output and not seen
+        return
+    assert res.exit_code == 0, res.output
+    assert f"--vram auto on Fake GPU: --vram {chosen}: its planned peak" in res.output
+    assert seen[0] == load_config(preset="sd35m-counting", overrides=[*VRAM_PRESETS[chosen], f'out="{tmp_path / "r"}"'])
+
+
+def test_vram_auto_without_a_gpu_is_one_sentence_and_the_default_stays_off(monkeypatch, tmp_path):
+    import torch
+    from typer.testing import CliRunner
+
+    from gpo_fast import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_train_with_progress", lambda config, resume=None: seen.append(config))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = CliRunner().invoke(cli.app, ["train", "--preset", "sd35m-counting", "--vram", "auto"])
+    assert res.exit_code == 2 and "no CUDA GPU here" in res.output and "Traceback" not in res.output and not seen
+    res = CliRunner().invoke(cli.app, ["train", "--preset", "sd35m-counting", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0 and "--vram auto" not in res.output  # no GPU: no preset applied, as before
+    assert seen[0].model.quantize == "none" and seen[0].rollout.batch_size == 8
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--set", "train.lr=-1"], "train.lr"),
     (["--set", "train.lrr=0.1"], "train.lrr"),

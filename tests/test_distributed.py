@@ -116,3 +116,41 @@ def test_gradients_summed_over_two_processes_equal_the_one_process_gradient(tmp_
     assert any(g.abs().max() > 0 for g in one)
     for a, b in zip(one, two):
         assert_same_gradient(b, a)
+
+
+INJECT = '''import os, sys, torch
+from gpo_fast.toy.model import ToyModel
+real = ToyModel.predict
+def predict(self, latents, sigmas, embeds):  # rank 1 alone runs out of memory above 2 samples in a training pass
+    if os.environ.get("RANK") == "1" and torch.is_grad_enabled() and self.training and latents.shape[0] > 2:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected on rank 1)")
+    return real(self, latents, sigmas, embeds)
+ToyModel.predict = predict
+from gpo_fast.cli import app
+sys.argv[0] = "gpo-fast"
+app()
+'''
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo process groups are tested on Linux")
+def test_an_out_of_memory_error_on_one_rank_is_retried_by_both(tmp_path):
+    """Only rank 1 runs out of memory; both ranks redo the update at half the micro-batch (none hangs in the
+    gradient all-reduce) and the run ends with the weights of one process started at that size."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    (tmp_path / "inject.py").write_text(INJECT)
+    args = [a if a != "train.micro_batch=3" else "train.micro_batch=4" for a in ARGS]
+    two = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                          str(tmp_path / "inject.py"), "train", *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "out of GPU memory at train.micro_batch = 4" in two.stdout + two.stderr
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["micro_batch"] for r in rows] == [2, 2]
+    one = subprocess.run([str(BIN / "gpo-fast"), "train", *[a if a != "train.micro_batch=3" else "train.micro_batch=2"
+                                                           for a in ARGS], "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4)  # as two processes against one, above

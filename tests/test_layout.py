@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # From the bottom up (README, "Layout"); a module may import its own layer or lower ones.
 LAYERS = {
-    1: ["errors", "language", "config", "checkpoint", "distributed", "_toplevel"],
+    1: ["errors", "language", "config", "checkpoint", "distributed", "stop", "_toplevel"],
     2: ["objective", "kernels", "kernels.mse", "kernels.gpo", ""],  # "": gpo_fast/__init__ re-exports the loss
     3: ["models", "models.base", "models.sd3", "models.testing", "rewards", "rewards.base", "rewards.counting",
         "rewards.text", "rewards.composite", "rewards.python", "toy", "toy.data", "toy.model", "toy.reward",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpo_fast.config import VRAM_PRESETS, load_config
+from gpo_fast.config import VRAM_PLANNED_PEAK_GIB, VRAM_PRESETS, load_config
 from gpo_fast.models.testing import build_tiny_sd3
 from gpo_fast.flops import flop_counter
 from gpo_fast.plan import (CARDS, CUDA_FP32_OPS, CUDA_FP32_SET_OPT_DTYPE_OPS, GIB, Card, Plan, cuda_autocast_rules,
@@ -157,6 +157,9 @@ def test_every_vram_preset_of_sd35_medium_plans_under_its_card(vram):
     budget = Plan.budget(planned, Card(f"{vram} GB", vram, 1, 1))
     over = {p.name: round(p.peak_bytes / GIB, 2) for p in planned.phases if p.peak_bytes > budget}
     assert over == {}, f"--vram {vram} plans over {budget / GIB:.2f} GiB"
+    peak = planned.peak_bytes  # the table --vram auto chooses from (the text preset plans the same, above)
+    assert VRAM_PLANNED_PEAK_GIB[vram] == round(peak / GIB, 2), \
+        f"update VRAM_PLANNED_PEAK_GIB[{vram}] in gpo_fast/config.py to {round(peak / GIB, 2)}"
     assert planned.phase("update").flops > 0 and planned.phase("rollout").flops > planned.phase("update").flops
 
 
