@@ -83,16 +83,34 @@ class Dist:
         dist.all_gather(parts, x)
         return torch.cat(parts).to(t.device)
 
-    def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """Sum the gradients across ranks (a rank without a gradient contributes zeros)."""
+    def sum_grads(self, params: list[torch.nn.Parameter], bucket_elements: int = 1 << 24) -> None:
+        """Sum the gradients across ranks (a rank without a gradient contributes zeros): one all-reduce per
+        bucket of up to `bucket_elements` gradient entries of one dtype and device (64 MB of float32), not one per
+        tensor. A LoRA's few hundred tensors go in one call; a full fine-tune's in buckets, so the flat copy
+        stays small."""
         if self.world == 1:
             return
         import torch.distributed as dist
 
+        groups: dict = {}
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
+            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        for grads in groups.values():
+            bucket, size = [], 0
+            for g in [*grads, None]:  # None: flush the last bucket
+                if g is not None and (not bucket or size + g.numel() <= bucket_elements):
+                    bucket.append(g)
+                    size += g.numel()
+                    continue
+                flat = torch.cat([b.reshape(-1) for b in bucket])
+                dist.all_reduce(flat)
+                offset = 0
+                for b in bucket:
+                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                    offset += b.numel()
+                bucket, size = ([g], g.numel()) if g is not None else ([], 0)
 
     def barrier(self) -> None:
         if self.world > 1:

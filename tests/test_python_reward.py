@@ -149,3 +149,32 @@ def test_the_cli_refuses_a_missing_callable_in_one_sentence(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2 and "no such file" in out.stderr and "Traceback" not in out.stderr + out.stdout
     assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_out_of_memory_in_a_reward_is_never_a_reward_and_the_rollout_retries_smaller(tmp_path):
+    """A CUDA out-of-memory error inside measure() reaches the loop (not a NaN reward): the loop draws the rollout
+    again at half the batch, so a reward that runs out above 4 images trains at rollout.batch_size = 4."""
+    path = _write(tmp_path, """
+        class Greedy:
+            def measure(self, images, prompts):
+                if len(prompts) > 4:
+                    raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+                n = len(prompts)
+                return RewardResult(images.mean(dim=(1, 2, 3)).float(), torch.zeros(n, dtype=torch.bool), [{}] * n)
+
+        def make(options):
+            return Greedy()
+        """)
+    reward = PythonReward(f"{path}:make")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        reward.measure(torch.zeros(6, 3, 4, 4), PROMPTS * 2)
+    assert reward.measure(torch.zeros(3, 3, 4, 4), PROMPTS).reward.tolist() == [0.0, 0.0, 0.0]
+    from gpo_fast.train import train
+
+    cfg = load_config(overrides=[f'out="{tmp_path / "run"}"', 'reward.kind="python"', f'reward.callable="{path}:make"',
+                                 "train.rollouts=1", "train.inner_updates=1", "rollout.prompts=2",
+                                 "rollout.group_size=4", "rollout.steps=2", "eval.samples=10", "eval.steps=2",
+                                 "eval.every=0", 'log.report_to=["none"]'])
+    train(cfg, log=lambda *a: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["rollout_batch"] == 4 and rows[0]["reward_failures"] == 0

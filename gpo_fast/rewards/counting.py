@@ -163,10 +163,14 @@ class YoloCountReward:
             chunk = bgr[i : i + self.batch_size]
             try:
                 dets += self._detect(chunk)
+            except torch.cuda.OutOfMemoryError:
+                raise  # never a reward: the loop draws the rollout again at a smaller batch
             except Exception:  # noqa: BLE001 - retry one by one so one bad image only costs itself
                 for im in chunk:
                     try:
                         dets += self._detect([im])
+                    except torch.cuda.OutOfMemoryError:
+                        raise
                     except Exception as e:  # noqa: BLE001
                         dets.append(e)
         rewards, correct, details = [], [], []

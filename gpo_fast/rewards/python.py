@@ -111,8 +111,8 @@ class PythonReward:
                              f"{len(prompts)} prompts")
         try:
             return self._checked(self.impl.measure(images, prompts), len(prompts))
-        except PythonRewardError:
-            raise
+        except (PythonRewardError, torch.cuda.OutOfMemoryError):
+            raise  # out of memory is never a reward: the loop draws the rollout again at a smaller batch
         except Exception:  # noqa: BLE001 - find the images it fails on
             pass
         reward, correct, details, errors = [], [], [], []
@@ -122,7 +122,7 @@ class PythonReward:
                 reward.append(float(one.reward[0]))
                 correct.append(bool(one.correct[0]))
                 details.append(one.details[0])
-            except PythonRewardError:
+            except (PythonRewardError, torch.cuda.OutOfMemoryError):
                 raise
             except Exception as e:  # noqa: BLE001
                 errors.append(f"{type(e).__name__}: {e}")

@@ -168,6 +168,8 @@ class OcrTextReward:
         for img, p in zip(to_uint8_rgb(images), prompts):
             try:
                 reading = self.read(img)
+            except torch.cuda.OutOfMemoryError:
+                raise  # never a reward: the loop draws the rollout again at a smaller batch
             except Exception as e:  # noqa: BLE001 - one bad image must not sink the batch
                 rewards.append(float("nan"))
                 correct.append(False)
