@@ -264,6 +264,11 @@ class Config(_Section):
         if self.model.quantize != "none" and not self.lora.enabled:
             raise ValueError(f"model.quantize = '{self.model.quantize}' trains a LoRA on frozen quantized weights; "
                              "set lora.enabled = true or model.quantize = 'none'")
+        if self.model.attention == "xformers" and not self.lora.enabled:
+            # a full fine-tune trains float32 weights: diffusers' RMSNorm then returns q and k in float32 while v
+            # stays bfloat16 under autocast, and xformers (unlike SDPA, which autocast casts) refuses mixed dtypes
+            raise ValueError("model.attention = 'xformers' cannot run a full fine-tune (lora.enabled = false): its "
+                             "float32 q and k meet a bfloat16 v; use model.attention = 'sdpa' or train a LoRA")
         if self.model.text_encoders == "cpu" and self.model.t5 == "8bit":
             raise ValueError("model.t5 = '8bit' runs on the GPU only (bitsandbytes); with model.text_encoders = 'cpu' "
                              "use model.t5 = 'full' (bf16 on the CPU) or 'off'")

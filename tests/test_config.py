@@ -35,6 +35,7 @@ def test_overrides_take_toml_values_and_bare_words_as_strings():
     (["seed=10000"], "seed = 10000 is eval.seed"),  # training would draw the held-out noise
     (["seed=7", "eval.seed=6"], "the validation seed"),
     (["data.eval_fraction=0.5", "data.val_fraction=0.5"], "must be below 1"),
+    (['model.attention="xformers"', "lora.enabled=false"], "cannot run a full fine-tune"),
 ])
 def test_a_bad_value_is_one_config_error_naming_the_key(overrides, needle):
     with pytest.raises(ConfigError) as info:
@@ -79,3 +80,7 @@ def test_the_default_seeds_draw_three_distinct_noise_streams():
     assert len(seeds) == 3
     draws = [torch.randn(64, generator=torch.Generator().manual_seed(s)) for s in seeds]
     assert not any(torch.equal(a, b) for i, a in enumerate(draws) for b in draws[i + 1:])
+
+
+def test_xformers_with_a_lora_is_allowed():
+    assert load_config(preset="sd35m-counting", overrides=['model.attention="xformers"']).model.attention == "xformers"
