@@ -97,13 +97,30 @@ def make_ema(params, decay: float, warmup: bool = True):
 
 @contextlib.contextmanager
 def swapped_in(ema, params):
-    """Inside the block `params` hold the moving average `ema` keeps of them; after it, their own values."""
-    ema.store(params)
-    ema.copy_to(params)
+    """Inside the block `params` hold the moving average `ema` keeps of them; after it, their own values.
+
+    The tensors are swapped where they are, not copied: diffusers' EMAModel.store copies every parameter to the
+    CPU and restore() back (about 10 GB per update for a full fine-tune of SD3.5 Medium). A shadow of another
+    shape, dtype or device than its parameter (none is, as make_ema builds them) is copied on the device instead."""
+    params = list(params)
+    pairs = list(zip(params, ema.shadow_params))
+    swap = all(s.shape == p.shape and s.dtype == p.dtype and s.device == p.device for p, s in pairs)
+    saved = None
+    if swap:
+        for p, s in pairs:
+            p.data, s.data = s.data, p.data
+    else:
+        saved = [p.detach().clone() for p in params]
+        ema.copy_to(params)
     try:
         yield
     finally:
-        ema.restore(params)
+        if swap:
+            for p, s in pairs:
+                p.data, s.data = s.data, p.data
+        else:
+            for p, v in zip(params, saved):
+                p.data.copy_(v)
 
 
 def make_schedule(opt, train: TrainSection, total_updates: int):

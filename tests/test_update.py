@@ -182,6 +182,27 @@ def test_a_moving_reference_scores_with_the_average_and_trains_the_weights():
         assert_same_gradient(g, p.grad)
 
 
+def test_the_average_is_swapped_in_where_it_is_without_a_copy_to_the_cpu(monkeypatch):
+    """swapped_in exchanges the parameters' and the shadows' tensors on their device (EMAModel.store would copy
+    every parameter to the CPU); both are as they were after the block, even when it raises."""
+    from gpo_fast.update import make_ema, swapped_in
+
+    model = _lora_model()
+    params = model.trainable_parameters()
+    average = make_ema(params, 0.5)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.05)
+    trained = [p.detach().clone() for p in params]
+    shadows = [s.clone() for s in average.shadow_params]
+    monkeypatch.setattr(average, "store", lambda *a: pytest.fail("copied to the CPU"))
+    with pytest.raises(RuntimeError, match="inside"), swapped_in(average, params):
+        assert all(torch.equal(p, s) for p, s in zip(params, shadows))
+        raise RuntimeError("inside")
+    assert all(torch.equal(p, t) for p, t in zip(params, trained))
+    assert all(torch.equal(a, b) for a, b in zip(average.shadow_params, shadows))
+
+
 @pytest.mark.parametrize("warmup", [True, False])
 def test_moving_average_decay_with_and_without_warmup(warmup):
     """make_ema: after the n-th update the average moves by 1 - decay_n toward the weights; decay_1 = 0 (a copy),
