@@ -93,7 +93,7 @@ def build_reward(config: Config, device: torch.device):
                                    device=str(device) if on_gpu else "cpu")
         from gpo_fast.rewards.text import OcrTextReward
 
-        return OcrTextReward(model_dir=settings.ocr_model_dir, gpu=on_gpu)
+        return OcrTextReward(model_dir=settings.ocr_model_dir, gpu=str(device) if on_gpu else False)
 
     if settings.kind == "composite":
         from gpo_fast.rewards.composite import WeightedReward

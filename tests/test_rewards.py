@@ -335,6 +335,25 @@ def test_ocr_reads_rendered_words(ocr):
     assert res.reward.tolist() == [1.0, 1.0, 1.0] and res.correct.tolist() == [True, True, True]
 
 
+def test_a_reader_wrapped_in_data_parallel_is_unwrapped_and_reads_the_same(ocr):
+    """easyocr wraps its networks in DataParallel on a GPU, which then runs from cuda:0 whatever the reader's
+    device (rank 1's text rewards would all be NaN); unwrap_data_parallel puts each network back as itself.
+    Wrapped by hand here, as easyocr does on a GPU."""
+    import copy
+
+    from gpo_fast.rewards.text import unwrap_data_parallel
+
+    reader = copy.copy(ocr.load())
+    detector, recognizer = reader.detector, reader.recognizer
+    reader.detector, reader.recognizer = torch.nn.DataParallel(detector), torch.nn.DataParallel(recognizer)
+    assert unwrap_data_parallel(reader) is reader
+    assert reader.detector is detector and reader.recognizer is recognizer
+    unwrapped = OcrTextReward()
+    unwrapped._reader = reader
+    res = unwrapped.measure(render("garden")[None], [text_prompt("garden")])
+    assert res.details[0]["reading"] == "garden"
+
+
 def test_ocr_misspelling_gets_the_formula(ocr):
     res = ocr.measure(render("hallo")[None], [text_prompt("hello")])
     reading = res.details[0]["reading"]

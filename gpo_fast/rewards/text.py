@@ -94,11 +94,28 @@ def _offline_package_dir() -> Path | None:
     return Path(easyocr_en_models.model_dir())
 
 
+def unwrap_data_parallel(reader):
+    """The reader with its networks out of torch.nn.DataParallel. easyocr wraps its detector and recogniser in
+    DataParallel on any device but the CPU (easyocr/detection.py, get_detector; recognition.py, get_recognizer;
+    detection_db.py for DBNet's `.model`). DataParallel runs on every visible GPU from cuda:0, so a reader built on
+    cuda:1 (rank 1) fails on every forward, and each image's reward would be NaN. Unwrapped, each network runs
+    on the device it was loaded to."""
+    for name in ("detector", "recognizer"):
+        net = getattr(reader, name, None)
+        if isinstance(net, torch.nn.DataParallel):
+            setattr(reader, name, net.module)
+        elif isinstance(getattr(net, "model", None), torch.nn.DataParallel):  # DBNet keeps its network in .model
+            net.model = net.model.module
+    return reader
+
+
 class OcrTextReward:
     """easyocr reading of each image vs its prompt's target text; the reader loads once, on first use."""
 
     def __init__(self, languages: Sequence[str] = ("en",), model_dir: str | Path | None = None,
-                 gpu: bool | None = None):
+                 gpu: bool | str | None = None):
+        """gpu: False (the CPU), True (easyocr's "cuda", the current device), a device name such as "cuda:1"
+        (this process's own GPU under a launcher) or None (True when CUDA is available)."""
         self.languages = list(languages)
         self.model_dir = Path(model_dir).expanduser() if model_dir else None  # "" from a config: unset
         self.gpu = torch.cuda.is_available() if gpu is None else gpu
@@ -120,8 +137,9 @@ class OcrTextReward:
         with warnings.catch_warnings():  # easyocr quantises its recogniser with APIs torch has deprecated
             warnings.filterwarnings("ignore", message=".*quantiz.*")
             # user_network_directory: easyocr would otherwise create ~/.EasyOCR/user_network (custom nets only)
-            return easyocr.Reader(self.languages, gpu=self.gpu, model_storage_directory=str(folder),
-                                  user_network_directory=str(folder), download_enabled=download, verbose=False)
+            reader = easyocr.Reader(self.languages, gpu=self.gpu, model_storage_directory=str(folder),
+                                    user_network_directory=str(folder), download_enabled=download, verbose=False)
+        return unwrap_data_parallel(reader)
 
     def load(self):
         """Load the OCR reader now (measure does it on first use); RewardEngineError when it cannot be."""
