@@ -12,6 +12,7 @@ Each image has its own starting noise, drawn from a seeded generator, so a rollo
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -83,6 +84,7 @@ def rollout(
         noise = torch.randn((n, *model.latent_shape), generator=generator)
     step = batch_size or n
     pool = ThreadPoolExecutor(1, thread_name_prefix="gpo-fast-score") if score and overlap and step < n else None
+    device = _cuda_device(model.device)  # the worker scores on this device, not on cuda:0 (a new thread's current one)
     latents, images, scored = [], [], []
     try:
         for i in range(0, n, step):
@@ -92,7 +94,8 @@ def rollout(
             images.append(img)
             if score is not None:
                 batch = img.float().cpu()
-                scored.append(pool.submit(_score_in_worker, score, batch, i) if pool else _score_here(score, batch, i))
+                scored.append(pool.submit(_score_in_worker, score, batch, i, device) if pool
+                              else _score_here(score, batch, i))
         scored = [s.result() for s in scored] if pool else scored
     finally:
         if pool is not None:
@@ -107,11 +110,34 @@ def _score_here(score, images, start):
         return score(images, start)
 
 
-def _score_in_worker(score, images, start):
-    """The score in the worker thread (no autocast there: it is per thread), on a side CUDA stream."""
+def _cuda_device(device) -> torch.device | None:
+    """The model's CUDA device with its index (a bare "cuda" is the current device), or None off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+_SIDE_STREAMS: dict = {}
+_SIDE_STREAMS_LOCK = threading.Lock()
+
+
+def side_stream(device: torch.device):
+    """One side stream per CUDA device, made once: a new stream per batch would each get its own pools in the
+    caching allocator (up to 32 pooled streams), and one made in a fresh thread lands on cuda:0."""
+    with _SIDE_STREAMS_LOCK:
+        if device not in _SIDE_STREAMS:
+            _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+        return _SIDE_STREAMS[device]
+
+
+def _score_in_worker(score, images, start, device=None):
+    """The score in the worker thread (no autocast there: it is per thread), on the model's device's side stream;
+    the thread's current device is set to it first (a fresh thread's is cuda:0, whatever the rank)."""
     with torch.no_grad():
-        if torch.cuda.is_available():
-            side = torch.cuda.Stream()
+        if device is not None:
+            torch.cuda.set_device(device)
+            side = side_stream(device)
             with torch.cuda.stream(side):
                 result = score(images, start)
             side.synchronize()  # whatever the reward left queued on its stream is done before the result is used

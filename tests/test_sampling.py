@@ -94,6 +94,29 @@ def test_overlapped_scoring_gives_the_serial_results_in_order():
     assert torch.equal(whole, expected.reward)  # the batches' scores are the whole rollout's
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_worker_scores_on_the_models_device_and_one_side_stream():
+    """On CUDA the worker thread's current device is the model's (a fresh thread's is cuda:0) and every batch of
+    every rollout is scored on the same side stream of that device (one stream, made once)."""
+    from gpo_fast.sampling import side_stream
+
+    device = torch.device("cuda", torch.cuda.device_count() - 1)  # the last GPU: not cuda:0 where there are two
+    model = ToyModel().to(device)
+    seen = []
+
+    def score(images, start):
+        seen.append((torch.cuda.current_device(), torch.cuda.current_stream(device)))
+        return torch.zeros(len(images))
+
+    for _ in range(2):
+        rollout(model, ["one dot", "two dots"], 4, steps=2, cfg_scale=2.0, generator=torch.Generator().manual_seed(0),
+                batch_size=4, score=score, overlap=True)
+    assert len(seen) == 4 and {d for d, _ in seen} == {device.index}
+    assert all(stream == side_stream(device) for _, stream in seen)
+    assert side_stream(device) != torch.cuda.default_stream(device)
+
+
 def test_the_first_batch_is_scored_while_the_sampler_draws_the_next():
     """Scoring batch 0 waits until the sampler has started batch 1: with the overlap it is drawn meanwhile;
     scored in line, the wait times out."""
