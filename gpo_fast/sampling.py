@@ -74,7 +74,9 @@ def rollout(
     batch_size: images per sampler forward (0: all at once); each batch is decoded as soon as it is drawn.
 
     score(images, start): called on every decoded batch (float32, on the CPU; `start` its first sample's
-    index), under no_grad and without autocast; its results come back in batch order as a fourth element.
+    index), under no_grad and without autocast; its results come back in batch order as a fourth element, and
+    the images come back as those float32 CPU batches (each moved off the GPU once decoded, so a rollout keeps one
+    batch of decoded images on the GPU, not all of them).
     With overlap (and more than one batch) a worker thread scores each batch while the sampler draws the
     next (on a GPU, on its own CUDA stream), so reward time hides behind sampling; the batches, and so the
     results, are the same either way."""
@@ -91,11 +93,13 @@ def rollout(
             x = _solve(model, per_sample[i:i + step], noise[i:i + step].to(model.device), steps, cfg_scale, solver)
             img = model.decode(x)
             latents.append(x)
-            images.append(img)
             if score is not None:
                 batch = img.float().cpu()
+                images.append(batch)  # off the GPU at once: only this batch's images are on it at any time
                 scored.append(pool.submit(_score_in_worker, score, batch, i, device) if pool
                               else _score_here(score, batch, i))
+            else:
+                images.append(img)
         scored = [s.result() for s in scored] if pool else scored
     finally:
         if pool is not None:
