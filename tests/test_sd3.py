@@ -368,3 +368,26 @@ def test_dpm_solver_draws_what_the_pipeline_draws_with_diffusers_dpm_scheduler(t
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
     euler = sample(model, [PROMPT] * 2, steps=4, cfg_scale=1.0, generator=torch.Generator(), noise=noise)
     assert (euler - ours).abs().max() > 1e-3  # the solvers differ
+
+
+def test_bitsandbytes_int8_cast_notice_is_said_once(caplog):
+    """bitsandbytes logs a notice at every int8 matmul with bf16 inputs; once filtered it passes the first only,
+    and other records of that logger still pass. The logger and message are the installed bitsandbytes' own."""
+    import logging
+
+    import bitsandbytes.autograd._functions as bnb_functions
+
+    from gpo_fast.models.sd3 import INT8_CAST_LOGGER, INT8_CAST_MESSAGE, say_int8_cast_once
+
+    assert bnb_functions.logger.name == INT8_CAST_LOGGER
+    assert INT8_CAST_MESSAGE in Path(bnb_functions.__file__).read_text()
+    say_int8_cast_once()
+    say_int8_cast_once()  # a second model in the same process adds no second filter
+    logger = logging.getLogger(INT8_CAST_LOGGER)
+    with caplog.at_level(logging.WARNING, logger=INT8_CAST_LOGGER):
+        for _ in range(3):
+            logger.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", torch.bfloat16)
+        logger.warning("something else")
+    said = [r.getMessage() for r in caplog.records if r.name == INT8_CAST_LOGGER]
+    assert said == ["MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16 during quantization",
+                    "something else"]

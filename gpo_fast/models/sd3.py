@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -101,6 +102,8 @@ class SD3Model(AdapterMixin, torch.nn.Module):
         kwargs: dict = {"torch_dtype": dtype}
         if t5 == "off":
             kwargs.update(text_encoder_3=None, tokenizer_3=None)
+        if t5 == "8bit" or quantize == "int8":
+            say_int8_cast_once()
         try:
             if t5 == "8bit":
                 kwargs["text_encoder_3"] = _t5_8bit(source, dtype, device)
@@ -279,6 +282,32 @@ def _t5_8bit(source: str, dtype: torch.dtype, device: torch.device):
     return T5EncoderModel.from_pretrained(source, subfolder="text_encoder_3", torch_dtype=dtype,
                                           quantization_config=BitsAndBytesConfig(load_in_8bit=True),
                                           device_map={"": str(device)})
+
+
+# bitsandbytes logs this on every int8 matmul whose input is not float16 (bitsandbytes/autograd/_functions.py,
+# MatMul8bitLt.forward): every forward of an int8 transformer or T5 under bf16 autocast
+INT8_CAST_LOGGER, INT8_CAST_MESSAGE = "bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast from"
+
+
+class _FirstOnly(logging.Filter):
+    """Passes the first record whose message starts with `prefix`, drops the ones after it, passes the rest."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(self.prefix):
+            return True
+        first, self.seen = not self.seen, True
+        return first
+
+
+def say_int8_cast_once() -> None:
+    """bitsandbytes' int8 cast notice, said once per process instead of at every matmul."""
+    logger = logging.getLogger(INT8_CAST_LOGGER)
+    if not any(isinstance(f, _FirstOnly) for f in logger.filters):
+        logger.addFilter(_FirstOnly(INT8_CAST_MESSAGE))
 
 
 def _quantized_transformer(source: str, quantize: str, dtype: torch.dtype, device: torch.device):
