@@ -16,6 +16,30 @@ from __future__ import annotations
 import torch
 
 
+
+TIMEOUT_ENV = "GPO_FAST_DIST_TIMEOUT_MIN"
+DEFAULT_TIMEOUT_MIN = 120
+
+
+def timeout():
+    """How long a process waits in a collective for the others: GPO_FAST_DIST_TIMEOUT_MIN minutes, 120 by default.
+    NCCL's own default is 10 minutes, while rank 0 alone evaluates (before training, at each validation, after)
+    and the other ranks wait: one SD3.5 preset evaluation is about 55 PFLOP, some 15 minutes on an RTX 4090."""
+    import datetime
+    import os
+
+    from gpo_fast.errors import InputError
+
+    text = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_MIN))
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = -1.0
+    if not minutes > 0:
+        raise InputError(f"{TIMEOUT_ENV}={text!r} is not a positive number of minutes; unset it (120) or give one")
+    return datetime.timedelta(minutes=minutes)
+
+
 class Dist:
     """The process group as the loop needs it; with one process every call is a no-op."""
 
@@ -43,7 +67,7 @@ class Dist:
                 gpu = torch.cuda.is_available() and torch.cuda.device_count() > d.local_rank
                 if gpu:
                     torch.cuda.set_device(d.local_rank)
-                dist.init_process_group(backend="nccl" if gpu else "gloo")
+                dist.init_process_group(backend="nccl" if gpu else "gloo", timeout=timeout())
             if dist.get_backend() == "nccl":
                 d.comm_device = torch.device("cuda", torch.cuda.current_device())
         return d

@@ -160,3 +160,21 @@ def test_an_out_of_memory_error_on_one_rank_is_retried_by_both(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4)  # as two processes against one, above
+
+
+def test_the_collective_timeout_is_explicit_and_set_by_its_variable(monkeypatch):
+    """NCCL's own 10 minutes would end a run while rank 0 alone evaluates; the process group waits 120 minutes, or
+    GPO_FAST_DIST_TIMEOUT_MIN's; a value that is not a positive number is one sentence."""
+    import datetime
+
+    from gpo_fast.distributed import TIMEOUT_ENV, timeout
+    from gpo_fast.errors import InputError
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert timeout() == datetime.timedelta(minutes=120)
+    monkeypatch.setenv(TIMEOUT_ENV, "45")
+    assert timeout() == datetime.timedelta(minutes=45)
+    for bad in ("soon", "0", "-3"):
+        monkeypatch.setenv(TIMEOUT_ENV, bad)
+        with pytest.raises(InputError, match=f"{TIMEOUT_ENV}='{bad}' is not a positive number"):
+            timeout()
