@@ -1,6 +1,7 @@
 """The kernel benchmark's CPU behaviour and its summary arithmetic (the timings themselves need a GPU)."""
 
 import csv
+import os
 import importlib.util
 import subprocess
 import sys
@@ -175,3 +176,25 @@ def test_the_toy_ceiling_puts_each_prompt_beside_its_captions(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert ceiling.main([str(tmp_path / "empty")]) == 2
     assert "summary.json does not exist" in capsys.readouterr().err
+
+
+def test_the_gpu_check_never_runs_past_its_limit_and_says_what_it_skipped(tmp_path):
+    """benchmarks/gpu_check.sh with a stand-in python whose every step hangs: the first step is cut at the
+    limit, the rest are skipped and named, the status is 1, and the script ends within its limit."""
+    import subprocess
+    import time
+
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\ncase "$1" in -m) [ "$2" = pip ] && exit 0;; -c) exit 0;; esac\nsleep 60\n')
+    fake.chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    t0 = time.monotonic()
+    out = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                         env={**os.environ, "PYTHON": str(fake), "GPU_CHECK_LIMIT_S": "14", "OUT": str(tmp_path)})
+    took = time.monotonic() - t0
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert out.returncode == 1 and took < 20
+    assert "== parity tests on CUDA (at most" in log
+    for later in ("step benchmark", "rollout benchmark", "cuda-marked tests", "kernel benchmark", "compiled denoiser"):
+        assert f"== {later}" in log and "skipped, the 14 s limit is reached" in log.split(f"== {later}")[1].splitlines()[0]
+    assert "gpu_check done" in log
