@@ -262,28 +262,6 @@ class Plan:
         """The bytes a run may allocate on the card: its memory less the context and the allocator's slack."""
         return card_budget(card.memory_gib * GIB)
 
-
-def card_budget(total_bytes: float) -> int:
-    """The bytes a run may allocate on a card of total_bytes: less the CUDA context and the allocator's slack."""
-    return int((total_bytes - MARGIN_CONTEXT) / (1 + MARGIN_FRACTION))
-
-
-def auto_vram(total_bytes: int) -> tuple[int | None, str]:
-    """`--vram auto`: the largest --vram preset whose planned peak (VRAM_PLANNED_PEAK_GIB, the planner's, held
-    equal to it by tests/test_plan.py) fits a card of total_bytes, and why; None when none fits."""
-    from gpo_fast.config import VRAM_PLANNED_PEAK_GIB
-
-    budget = card_budget(total_bytes)
-    for vram in sorted(VRAM_PLANNED_PEAK_GIB, reverse=True):
-        peak = VRAM_PLANNED_PEAK_GIB[vram]
-        if peak * GIB <= budget:
-            return vram, (f"--vram {vram}: its planned peak of {peak:.2f} GiB is the largest preset's that fits the "
-                          f"{budget / GIB:.2f} GiB a card of {total_bytes / GIB:.2f} GiB leaves after the CUDA "
-                          f"context and the allocator's slack")
-    smallest = min(VRAM_PLANNED_PEAK_GIB, key=VRAM_PLANNED_PEAK_GIB.get)
-    return None, (f"no --vram preset fits a card of {total_bytes / GIB:.2f} GiB ({budget / GIB:.2f} GiB usable; the "
-                  f"smallest planned peak is --vram {smallest}'s {VRAM_PLANNED_PEAK_GIB[smallest]:.2f} GiB)")
-
     def _flops(self, name: str) -> int:
         return sum(p.flops for p in self.phases if p.name == name)
 
@@ -315,6 +293,28 @@ def auto_vram(total_bytes: int) -> tuple[int | None, str]:
                                          "update": out["flops"]["update"] / rate,
                                          "utilisation": UTILISATION})
         return out
+
+
+def card_budget(total_bytes: float) -> int:
+    """The bytes a run may allocate on a card of total_bytes: less the CUDA context and the allocator's slack."""
+    return int((total_bytes - MARGIN_CONTEXT) / (1 + MARGIN_FRACTION))
+
+
+def auto_vram(total_bytes: int) -> tuple[int | None, str]:
+    """`--vram auto`: the largest --vram preset whose planned peak (VRAM_PLANNED_PEAK_GIB, the planner's, held
+    equal to it by tests/test_plan.py) fits a card of total_bytes, and why; None when none fits."""
+    from gpo_fast.config import VRAM_PLANNED_PEAK_GIB
+
+    budget = card_budget(total_bytes)
+    for vram in sorted(VRAM_PLANNED_PEAK_GIB, reverse=True):
+        peak = VRAM_PLANNED_PEAK_GIB[vram]
+        if peak * GIB <= budget:
+            return vram, (f"--vram {vram}: its planned peak of {peak:.2f} GiB is the largest preset's that fits the "
+                          f"{budget / GIB:.2f} GiB a card of {total_bytes / GIB:.2f} GiB leaves after the CUDA "
+                          f"context and the allocator's slack")
+    smallest = min(VRAM_PLANNED_PEAK_GIB, key=VRAM_PLANNED_PEAK_GIB.get)
+    return None, (f"no --vram preset fits a card of {total_bytes / GIB:.2f} GiB ({budget / GIB:.2f} GiB usable; the "
+                  f"smallest planned peak is --vram {smallest}'s {VRAM_PLANNED_PEAK_GIB[smallest]:.2f} GiB)")
 
 
 def _weights_bytes(module: torch.nn.Module, quantize: str) -> dict[str, int]:
