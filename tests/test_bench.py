@@ -127,6 +127,11 @@ def test_the_toy_default_is_the_ablation_row_it_was_chosen_by():
     assert chosen.model_dump() == load_config().model_dump()
     # and the rows' base is not the default: without the change the ablation runs something else
     assert load_config(overrides=[*ablation.BASE, *ablation.SETTINGS[setting]]).model_dump() != chosen.model_dump()
+    # the compute rows chose it: their base plus the guidance-free row's keys is the default, their base is not
+    setting, base = ablation.COMPUTE_BASE
+    rows_base = [*ablation.BASE, *ablation.SETTINGS[setting], *base.split()]
+    assert load_config(overrides=[*rows_base, *ablation.COMPUTE["no-guidance"]]).model_dump() == chosen.model_dump()
+    assert load_config(overrides=rows_base).model_dump() != chosen.model_dump()
 
 
 def test_the_toy_ablation_summarizes_one_tuning_change_from_its_csv(tmp_path, capsys):
