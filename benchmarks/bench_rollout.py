@@ -207,27 +207,27 @@ def main(argv=None) -> int:
         p, o = (float(r["seconds_median"]) for r in pair)
         print(f"{output:6s}: pipeline {pair[0]['images_per_s']} images/s, ours {pair[1]['images_per_s']} images/s "
               f"({p / o:.2f}x); largest difference {diff:.3g}", flush=True)
-    if "compiled" in args.outputs:  # last: the compile changes the model for everything after it
-        pair = compiled(model, noise, args, g, cuda)
+
+    def keep(pair, output):  # the run's columns on each row, then the rows to the CSV at once
         for r in pair:
             r.update(gpu=gpu, commit=rev, model=name, resolution=resolution, group_size=g, steps=args.steps,
-                     cfg=args.cfg, output="compiled")
-        rows += pair
+                     cfg=args.cfg, output=output)
+        rows.extend(pair)
         append_rows(args.csv, FIELDS, pair)
+
+    pair = scored_rollouts(model, args, g, cuda) if "scored" in args.outputs else []
+    if pair:
+        keep(pair, "scored")
+        s_, o_ = (float(r["seconds_median"]) for r in pair)
+        print(f"scored: serial {pair[0]['images_per_s']} images/s, overlap {pair[1]['images_per_s']} images/s "
+              f"({s_ / o_:.2f}x); largest reward difference {pair[0]['max_abs_diff']}", flush=True)
+    if "compiled" in args.outputs:  # last: the compile changes the model for everything after it
+        pair = compiled(model, noise, args, g, cuda)
+        keep(pair, "compiled")
         e_, c_ = (float(r["seconds_median"]) for r in pair)
         print(f"compiled: eager {pair[0]['images_per_s']} images/s, compiled {pair[1]['images_per_s']} images/s "
               f"({e_ / c_:.2f}x) after a first call of {pair[1]['first_call_s']} s; largest difference "
               f"{pair[0]['max_abs_diff']}", flush=True)
-    pair = scored_rollouts(model, args, g, cuda) if "scored" in args.outputs else []
-    if pair:
-        for r in pair:
-            r.update(gpu=gpu, commit=rev, model=name, resolution=resolution, group_size=g, steps=args.steps,
-                     cfg=args.cfg, output="scored")
-        rows += pair
-        append_rows(args.csv, FIELDS, pair)
-        s_, o_ = (float(r["seconds_median"]) for r in pair)
-        print(f"scored: serial {pair[0]['images_per_s']} images/s, overlap {pair[1]['images_per_s']} images/s "
-              f"({s_ / o_:.2f}x); largest reward difference {pair[0]['max_abs_diff']}", flush=True)
     print(f"\n{gpu}, commit {rev}, {name}: one group of {g} at {resolution} px, {args.steps} steps, CFG {args.cfg}\n")
     print("| output | first images/s | second images/s | speed-up | first peak GB | second peak GB |\n|---|---|---|---|---|---|")
     for i in range(0, len(rows), 2):

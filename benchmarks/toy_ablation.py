@@ -242,21 +242,27 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{objective:9s} seed {seed}: {s['accuracy_before']:.3f} -> {s['accuracy_after']:.3f} "
                   f"({100 * s['gain']:+.1f} points) in {s['wall_seconds']:.0f} s", flush=True)
-            args.csv.parent.mkdir(parents=True, exist_ok=True)
-            new = not args.csv.exists()
-            if new:
-                header = fields
-            else:
-                with args.csv.open() as existing:
-                    header = next(csv.reader(existing))
-            with args.csv.open("a", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore")
-                if new:
-                    w.writeheader()
-                w.writerow(row)
+            append_row(args.csv, fields, row)
     print(f"\n{meta['machine']}, {meta['threads']} threads, commit {meta['commit']}\n")
     print(table(rows))
     return 0
+
+
+def append_row(path: Path, fields: list[str], row: dict) -> None:
+    """Append a row to a CSV at once (a run cut short keeps the rows before it): the header `fields` when the file
+    is new, else the file's own header (an older CSV keeps its columns; the row's other keys are left out)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    if new:
+        header = fields
+    else:
+        with path.open() as existing:
+            header = next(csv.reader(existing))
+    with path.open("a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow(row)
 
 
 def compute(args) -> int:
@@ -297,13 +303,7 @@ def compute(args) -> int:
             print(f"{name} seed {seed}: {100 * float(row['gain']):+.1f} points (guided {100 * float(row['gain_guided']):+.1f}, "
                   f"unguided {100 * float(row['gain_unguided']):+.1f}), {row['train_tflops']} TFLOP, "
                   f"{row['wall_seconds']} s", flush=True)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            new = not path.exists()
-            with path.open("a", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=COMPUTE_FIELDS, extrasaction="ignore")
-                if new:
-                    w.writeheader()
-                w.writerow(row)
+            append_row(path, COMPUTE_FIELDS, row)
     print(f"\n{meta['machine']}, {meta['threads']} threads, commit {meta['commit']}\n")
     print(compute_table(rows))
     return 0
