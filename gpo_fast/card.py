@@ -90,6 +90,8 @@ def model_card(config: Config, summary: dict, folder: Path, grid: str | None) ->
               config.train.objective])
     t, ro = config.train, config.rollout
     lo, hi = summary["gain_ci95"]
+    guided = "accuracy_base_guided" in summary  # a guidance-free run, its base also measured with guidance
+    free = ", no guidance" if guided else ""
     lines = [
         f"# {'LoRA adapter' if config.lora.enabled else 'Fine-tuned model'} for {base}, trained with GPO",
         "",
@@ -101,11 +103,9 @@ def model_card(config: Config, summary: dict, folder: Path, grid: str | None) ->
         "",
         f"| | accuracy | samples |\n|---|---|---|\n"
         + (f"| base, guidance {summary['base_cfg_scale']:g} | {summary['accuracy_base_guided']:.3f} | "
-           f"{summary['eval_samples']} |\n" if "accuracy_base_guided" in summary else "")
-        + f"| base{', no guidance' if 'accuracy_base_guided' in summary else ''} | {summary['accuracy_before']:.3f} | "
-        f"{summary['eval_samples']} |\n"
-        f"| this {'adapter' if config.lora.enabled else 'model'}"
-        f"{', no guidance' if 'accuracy_base_guided' in summary else ''} | {summary['accuracy_after']:.3f} | "
+           f"{summary['eval_samples']} |\n" if guided else "")
+        + f"| base{free} | {summary['accuracy_before']:.3f} | {summary['eval_samples']} |\n"
+        f"| this {'adapter' if config.lora.enabled else 'model'}{free} | {summary['accuracy_after']:.3f} | "
         f"{summary['eval_samples']} |",
         "",
         f"Gain {100 * summary['gain']:+.1f} points, 95% interval [{100 * lo:+.1f}, {100 * hi:+.1f}] (the same "

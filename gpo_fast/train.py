@@ -232,7 +232,7 @@ def train(config: Config, log=print, progress=None, on_update=None, resume: Path
                 batch = None
             finally:
                 stop.sampling = False
-            if batch is None or _agreed(run, stop):  # stopped while sampling: the state as of this rollout's start
+            if batch is None or _any_rank(run, stop.requested is not None):  # stopped while sampling: the state as of this rollout's start
                 set_rng_state(at_start[0], run.state.generator)
                 run.state.flops, run.state.rollout = at_start[1], rollout_index - 1
                 _stop(run, stop, saved=False)
@@ -243,7 +243,7 @@ def train(config: Config, log=print, progress=None, on_update=None, resume: Path
             saved = bool(every and rollout_index % every == 0 and rollout_index < config.train.rollouts)
             if run.main and saved:
                 run.save_checkpoint()
-            if _agreed(run, stop):  # stopped during the updates: the state as of this rollout's end
+            if _any_rank(run, stop.requested is not None):  # stopped during the updates: the state as of this rollout's end
                 _stop(run, stop, saved=saved)
             if out_of_time(run, start):
                 break
@@ -273,11 +273,6 @@ def _halved(run: Run, key: str, size: int, group: int, error: BaseException | No
     run.log(f"out of GPU memory at {key} = {size} (rollout {run.state.rollout}); retrying at {smaller}, kept for the "
             "rest of the run")
     return smaller
-
-
-def _agreed(run: Run, stop: StopRequests) -> bool:
-    """Whether any rank was asked to stop (every rank gets the same answer)."""
-    return _any_rank(run, stop.requested is not None)
 
 
 def _stop(run: Run, stop: StopRequests, saved: bool) -> None:
