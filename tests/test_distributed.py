@@ -181,3 +181,53 @@ def test_the_collective_timeout_is_explicit_and_set_by_its_variable(monkeypatch)
         monkeypatch.setenv(TIMEOUT_ENV, bad)
         with pytest.raises(InputError, match=f"{TIMEOUT_ENV}='{bad}' is not a positive number"):
             timeout()
+
+
+STOP_ON_RANK_1 = '''import os, signal, sys
+import gpo_fast.train as train_module
+real, calls = train_module.sample_and_score, []
+def sample_and_score(run):  # rank 1 alone is asked to stop, while it samples its second rollout
+    calls.append(1)
+    if os.environ.get("RANK") == "1" and len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(run)
+train_module.sample_and_score = sample_and_score
+from gpo_fast.cli import app
+sys.argv[0] = "gpo-fast"
+app()
+'''
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo process groups are tested on Linux")
+def test_a_stop_request_to_one_rank_stops_both_at_the_same_rollout_and_torchrun_resumes_exactly(tmp_path):
+    """SIGTERM to rank 1 alone: both ranks agree on the boundary (the state as of the second rollout's start, the
+    first checkpointed), both exit with the stopped code; resumed under torchrun, the run ends as an uninterrupted
+    two-process run, bit for bit."""
+    from gpo_fast.stop import STOPPED_EXIT_CODE
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    (tmp_path / "stop.py").write_text(STOP_ON_RANK_1)
+    args = [*ARGS, "--set", "train.rollouts=3"]
+
+    def torchrun(*command):
+        return subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                               *command], capture_output=True, text=True, env=env, timeout=300)
+
+    stopped = torchrun(str(tmp_path / "stop.py"), "train", *args, "--out", str(tmp_path / "stopped"))
+    said = stopped.stdout + stopped.stderr
+    assert stopped.returncode != 0 and f"exitcode  : {STOPPED_EXIT_CODE}" in said, said[-3000:]
+    assert "stopped on request (SIGTERM) with rollout 1 of 3" in said  # rank 1's sentence
+    assert "stopped on request (another process) with rollout 1 of 3" in said  # rank 0 agreed on the same boundary
+    assert [p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()] == ["rollout-000001"]
+    resumed = torchrun("-m", "gpo_fast.cli", "train", "--resume", str(tmp_path / "stopped"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full = torchrun("-m", "gpo_fast.cli", "train", *args, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    def rows(run):
+        return [{k: v for k, v in json.loads(line).items() if k != "step_seconds"}
+                for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    a, b = _adapter(tmp_path / "full"), _adapter(tmp_path / "stopped")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(rows("stopped")) == 3 and rows("stopped") == rows("full")

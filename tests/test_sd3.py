@@ -13,6 +13,7 @@ import torch
 from gpo_fast.models.sd3 import ModelLoadError, SD3Model
 from gpo_fast.sampling import sample
 from gpo_fast.models.testing import IMAGE_SIZE, build_tiny_sd3
+from sd3_util import BrightnessReward
 
 PROMPT = "a photo of three cats"
 
@@ -68,22 +69,12 @@ def test_prompt_embeddings_are_cached_on_disk_and_encoders_released(tiny_sd3, tm
     assert len(list(tmp_path.glob("*.safetensors"))) == 5
 
 
-class _BrightnessReward:
-    """A dense stand-in reward (mean brightness), so every group has spread and the adapter moves."""
-
-    def measure(self, images, prompts):
-        from gpo_fast.rewards.base import RewardResult
-
-        r = images.float().mean(dim=(1, 2, 3))
-        return RewardResult(r, r > 0, [{} for _ in prompts])
-
-
 def test_two_gpo_steps_then_the_pipeline_loads_the_adapter_and_draws_the_same(tiny_sd3, tmp_path, monkeypatch):
     from gpo_fast import components
     from gpo_fast.config import load_config
     from gpo_fast.train import train
 
-    monkeypatch.setattr(components, "build_reward", lambda config, device: _BrightnessReward())
+    monkeypatch.setattr(components, "build_reward", lambda config, device: BrightnessReward())
     cfg = load_config(preset="sd35m-counting", overrides=[
         f'model.path="{tiny_sd3}"', f"model.resolution={IMAGE_SIZE}", 'model.t5="off"', f'out="{tmp_path / "run"}"',
         "lora.rank=4", "lora.alpha=8.0",  # alpha != rank: the file must carry it
