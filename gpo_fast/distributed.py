@@ -8,7 +8,11 @@ How the run equals the one-process run with the same global batch (docs/sd35.md,
   backward and the gradients are summed across ranks, which gives the gradient of the mean over all
   non-degenerate groups (the one-process loss);
 - clipping and the optimizer step then see identical gradients on every rank, so the weights stay
-  identical without broadcasting them. Rank 0 evaluates, logs and writes the run folder.
+  identical without broadcasting them.
+Every evaluation is shared out: each rank samples and scores its contiguous share of the fixed seeds (`part`),
+and the per-sample results are gathered in rank order (`gather_objects`), so every rank gets what one process
+would measure. Rank 0 alone logs and writes the run folder, and keeps the best weights, which it sends to the
+others (`broadcast_from_main`) for the final evaluation.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ DEFAULT_TIMEOUT_MIN = 120
 
 def timeout():
     """How long a process waits in a collective for the others: GPO_FAST_DIST_TIMEOUT_MIN minutes, 120 by default.
-    NCCL's own default is 10 minutes, while rank 0 alone evaluates (before training, at each validation, after)
-    and the other ranks wait: one SD3.5 preset evaluation is about 55 PFLOP, some 15 minutes on an RTX 4090."""
+    NCCL's own default is 10 minutes. The evaluations are shared out, but rank 0 alone writes checkpoints, the
+    adapter and the pictures while the others wait, and a slow disk or a slow rank should not end a run."""
     import datetime
     import os
 
@@ -86,6 +90,37 @@ class Dist:
         """This rank's contiguous share of n items (n divisible by world)."""
         k = n // self.world
         return slice(self.rank * k, (self.rank + 1) * k)
+
+    def part(self, n: int) -> slice:
+        """This rank's contiguous share of n items, for any n: rank r of w takes [r n // w, (r + 1) n // w), so the
+        shares differ by one at most and, in rank order, are the n items in order."""
+        return slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's picklable object (tensors on the CPU), in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)  # NCCL: through the current device, set to this rank's by from_env
+        return out
+
+    def broadcast_from_main(self, tensors: list[torch.Tensor]) -> None:
+        """Rank 0's values into every rank's tensors, in place (one broadcast per tensor: once per run)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for t in tensors:
+            x = t.detach()
+            if x.device == self.comm_device and x.is_contiguous():
+                dist.broadcast(x, src=0)  # in place
+                continue
+            x = x.to(self.comm_device).contiguous()
+            dist.broadcast(x, src=0)
+            with torch.no_grad():
+                t.copy_(x)
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world == 1:

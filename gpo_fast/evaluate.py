@@ -2,12 +2,18 @@
 
 An evaluator is what the training loop (before, validation, after) and `gpo-fast eval` call:
 
-    metrics, images = evaluator(model, seed)
+    metrics, images = evaluator(model, seed, dist=None)
 
 metrics holds at least n_samples, accuracy and accuracy_stderr; images are Tiles: the first `keep_images`
-samples, on the CPU, with what each was asked and whether the reward counted it right, for grids; `evaluator.headline` names the extra metrics a run summary reports before
-and after. gpo_fast.components.build_evaluator builds one from the config: a PromptEvaluator (a reward
-over the eval prompts) here, or the toy world's ToyEvaluator (gpo_fast.toy.evaluate).
+samples, on the CPU, with what each was asked and whether the reward counted it right, for grids;
+`evaluator.headline` names the extra metrics a run summary reports before and after.
+gpo_fast.components.build_evaluator builds one from the config: a PromptEvaluator (a reward over the eval
+prompts) here, or the toy world's ToyEvaluator (gpo_fast.toy.evaluate).
+
+With several processes (`dist`, gpo_fast.distributed) every rank calls the evaluator: each samples and scores its
+contiguous share of the samples, from the starting noise a one-process evaluation draws for them
+(`noise_of_share`), and the per-sample results are gathered in rank order (`gather_shares`). Every rank gets the
+metrics and tiles of the whole evaluation: those of one process, up to the float rounding of other batch sizes.
 """
 
 from __future__ import annotations
@@ -71,7 +77,44 @@ class Tiles:
 class Evaluator(Protocol):
     headline: dict[str, str]
 
-    def __call__(self, model: DiffusionModel, seed: int) -> tuple[dict, Tiles]: ...
+    def __call__(self, model: DiffusionModel, seed: int, dist=None) -> tuple[dict, Tiles]: ...
+
+
+def share_of(n: int, dist=None) -> slice:
+    """This process's contiguous share of n samples (all of them without `dist`)."""
+    return slice(0, n) if dist is None else dist.part(n)
+
+
+def noise_of_share(shape: tuple[int, ...], n: int, step: int, seed: int, share: slice) -> torch.Tensor:
+    """The starting noise of samples share.start..share.stop of n, as one process evaluating all n draws it: `step`
+    samples per draw from the seed's generator (the sampler draws each batch's noise on the CPU, in order), whatever
+    the share. A rank keeps only its rows."""
+    gen, parts = torch.Generator().manual_seed(seed), []
+    for i in range(0, n, step):
+        x = torch.randn((min(step, n - i), *shape), generator=gen)
+        lo, hi = max(i, share.start), min(i + x.shape[0], share.stop)
+        if lo < hi:
+            parts.append(x[lo - i:hi - i])
+    return torch.cat(parts) if parts else torch.zeros((0, *shape))
+
+
+def gather_shares(share: dict, dist=None) -> dict:
+    """Every rank's per-sample results joined in rank order (the samples in order): tensors concatenated, dicts
+    joined key by key, None kept. One process: the share itself."""
+    if dist is None or dist.world == 1:
+        return share
+    return _join(dist.gather_objects(share))
+
+
+def _join(parts: list):
+    parts = [p for p in parts if p is not None]  # None: a rank with nothing of this kind (an empty share)
+    if not parts:
+        return None
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(parts[0], dict):
+        return {k: _join([p[k] for p in parts]) for k in parts[0]}
+    raise TypeError(f"cannot join shares of type {type(parts[0]).__name__}")
 
 
 def full_precision():
@@ -96,31 +139,38 @@ class PromptEvaluator:
     watch: Reward | None = None  # measured beside the reward, never trained on (eval.watch_reward)
     headline = {}
 
-    def __call__(self, model: DiffusionModel, seed: int) -> tuple[dict, Tiles]:
+    def __call__(self, model: DiffusionModel, seed: int, dist=None) -> tuple[dict, Tiles]:
         chosen = [self.prompts[i % len(self.prompts)] for i in range(self.samples)]
-        gen = torch.Generator().manual_seed(seed)
         step = self.batch_size or self.samples
-        images, rewards, correct, watched = [], [], [], []
+        mine = share_of(self.samples, dist)
+        noise = noise_of_share(model.latent_shape, self.samples, step, seed, mine)
+        kept, rewards, correct, watched = [], [], [], []
         stats = StatsAccumulator()
         model.eval()
-        for i in range(0, self.samples, step):
-            part = chosen[i:i + step]
+        for i in range(mine.start, mine.stop, step):
+            part = chosen[i:min(i + step, mine.stop)]
             with torch.no_grad(), self.precision():
                 latents = sample(model, [p.text for p in part], steps=self.steps, cfg_scale=self.cfg_scale,
-                                 generator=gen, batch_size=step, solver=self.solver)
+                                 generator=None, noise=noise[i - mine.start:i - mine.start + len(part)],
+                                 batch_size=step, solver=self.solver)
                 imgs = model.decode(latents).float().cpu()
             with full_precision():  # reward engines (easyocr) break on bf16 outputs of an enclosing autocast
                 scored = self.reward.measure(imgs, part)
                 if self.watch is not None:
                     watched.append(self.watch.measure(imgs, part).reward.float().cpu())
             stats.add(imgs)
-            kept = sum(len(x) for x in images)
-            if kept < self.keep_images:
-                images.append(imgs[:self.keep_images - kept])
+            kept.append(imgs[:max(0, self.keep_images - i)])  # the first keep_images samples of the evaluation
             rewards.append(scored.reward.float().cpu())
             correct.append(scored.correct.cpu())
-        rewards, correct = torch.cat(rewards), torch.cat(correct)
-        kept_n = sum(len(x) for x in images)
+        empty = torch.zeros(0)
+        every = gather_shares({
+            "reward": torch.cat(rewards) if rewards else empty,
+            "correct": torch.cat(correct) if correct else empty.bool(),
+            "watch": torch.cat(watched) if watched else (None if self.watch is None else empty),
+            "stats": stats.values(),
+            "kept": torch.cat(kept) if kept else None,  # None: this rank's share is empty
+        }, dist)
+        rewards, correct, kept_n = every["reward"], every["correct"], len(every["kept"])
         acc = correct.float().mean().item()
         return {
             "n_samples": self.samples,
@@ -128,9 +178,9 @@ class PromptEvaluator:
             "accuracy_stderr": math.sqrt(acc * (1 - acc) / self.samples),
             "reward_mean": rewards.nanmean().item(),
             "failed": int(rewards.isnan().sum()),
-            "image_stats": stats.summary(),
-            **({"watch_reward_mean": torch.cat(watched).nanmean().item()} if watched else {}),
-        }, Tiles(torch.cat(images), [ask_label(p) for p in chosen[:kept_n]], correct[:kept_n].tolist())
+            "image_stats": StatsAccumulator.of(every["stats"]).summary(),
+            **({"watch_reward_mean": every["watch"].nanmean().item()} if every["watch"] is not None else {}),
+        }, Tiles(every["kept"], [ask_label(p) for p in chosen[:kept_n]], correct[:kept_n].tolist())
 
 
 def load_tuned(model, source: Path) -> str:

@@ -15,8 +15,8 @@
 
 One GPO update (noise, reference errors, the fused loss) is gpo_fast.update; evaluation is
 gpo_fast.evaluate (built by gpo_fast.components), pictures and intervals gpo_fast.report. With several
-processes (gpo_fast.distributed) every rank runs every phase on its own groups; rank 0 alone
-evaluates and writes.
+processes (gpo_fast.distributed) every rank runs every phase on its own groups and its share of each
+evaluation's samples; rank 0 alone logs, writes and keeps the best weights.
 """
 
 from __future__ import annotations
@@ -130,12 +130,13 @@ class Run:
 
     def validate(self) -> tuple[dict, torch.Tensor]:
         self._count_evaluation()
-        return (self.validator or self.evaluator)(self.model, self.config.eval.seed + VALIDATION_SEED_OFFSET)
+        return (self.validator or self.evaluator)(self.model, self.config.eval.seed + VALIDATION_SEED_OFFSET,
+                                                  self.dist)
 
     def held_out(self) -> tuple[dict, torch.Tensor]:
         """The held-out evaluation (eval.seed): the gain is measured on it."""
         self._count_evaluation()
-        return self.evaluator(self.model, self.config.eval.seed)
+        return self.evaluator(self.model, self.config.eval.seed, self.dist)
 
     @property
     def guided_base_scale(self) -> float | None:
@@ -147,12 +148,23 @@ class Run:
         """The held-out evaluation at guided_base_scale (the same prompts and seeds)."""
         scale = self.guided_base_scale
         self._count_evaluation(scale)
-        return build_evaluator(self.config, self.task, self.model.device, cfg_scale=scale)(self.model,
-                                                                                           self.config.eval.seed)
+        return build_evaluator(self.config, self.task, self.model.device, cfg_scale=scale)(
+            self.model, self.config.eval.seed, self.dist)
 
     def _count_evaluation(self, cfg_scale: float | None = None) -> None:
         ev = self.config.eval
         self.state.flops["eval"] += self.unit_flops.sampling(ev.samples, ev.steps, cfg_scale or ev.cfg_scale)
+
+    def _kept(self, best: dict | None) -> dict | None:
+        """The best so far as this process keeps it: rank 0 with its weights, the others without (rank 0 sends
+        them for the final evaluation), so a full fine-tune's copy is not held once per GPU."""
+        if best is None or self.main:
+            return best
+        return {k: v for k, v in best.items() if k != "state"}
+
+    def new_best(self, accuracy: float) -> None:
+        """The trained weights (off the GPU) become the best so far, at this rollout and validation accuracy."""
+        self.state.best = self._kept(_snapshot(self.model, self.state.rollout, accuracy))
 
     @contextlib.contextmanager
     def averaged(self):
@@ -193,7 +205,7 @@ class Run:
         st = self.state
         set_rng_state(ck["rng"], st.generator)
         st.rollout, st.updates = ck["rollout"], ck["updates"]
-        st.before, st.best, st.val_start = ck["before"], ck["best"], ck.get("val_start")
+        st.before, st.best, st.val_start = ck["before"], self._kept(ck["best"]), ck.get("val_start")
         st.before_tiles = Tiles.from_state(ck.get("before_tiles", ck.get("before_images")))
         st.before_guided = ck.get("before_guided")
         st.before_guided_tiles = Tiles.from_state(ck.get("before_guided_tiles"))
@@ -301,6 +313,9 @@ def setup(config: Config, log, resume: Path | None) -> Run:
     if config.rollout.prompts % dist.world:
         raise InputError(f"rollout.prompts ({config.rollout.prompts}) must be a multiple of the number of "
                          f"processes ({dist.world}): each process takes whole groups")
+    if config.eval.samples < dist.world:
+        raise InputError(f"eval.samples ({config.eval.samples}) must be at least the number of processes "
+                         f"({dist.world}): each process evaluates a share of the samples")
     device = dist.device(resolve_device(config))
     checkpoint = _read_checkpoint(resume, config) if resume is not None else None
     task = build_task(config, device)
@@ -332,27 +347,28 @@ def setup(config: Config, log, resume: Path | None) -> Run:
 
 
 def begin(run: Run, resume: Path | None) -> None:
-    """Rank 0: the base model's held-out accuracy and the first best (a fresh run), then the records."""
-    if not run.main:  # the other ranks wait at the next collective
-        return
+    """The base model's held-out accuracy and the first best (a fresh run), then the records (rank 0). Every rank
+    evaluates its share."""
     st, ev = run.state, run.config.eval
+    say = run.log if run.main else (lambda *a: None)
     if resume is None:
         st.before, tiles = run.held_out()
         st.before_tiles = tiles.head(50)  # all a grid shows
-        run.log(f"before: accuracy {st.before['accuracy']:.3f} +- {st.before['accuracy_stderr']:.3f} on "
-                f"{ev.samples} held-out samples")
+        say(f"before: accuracy {st.before['accuracy']:.3f} +- {st.before['accuracy_stderr']:.3f} on "
+            f"{ev.samples} held-out samples")
     if run.guided_base_scale and st.before_guided is None:  # fresh, or a resume of a run from before the key
         st.before_guided, tiles = run.held_out_guided()
         st.before_guided_tiles = tiles.head(50)
-        run.log(f"before, with guidance {run.guided_base_scale:g}: accuracy {st.before_guided['accuracy']:.3f} "
-                f"+- {st.before_guided['accuracy_stderr']:.3f} (the base as it is usually sampled)")
+        say(f"before, with guidance {run.guided_base_scale:g}: accuracy {st.before_guided['accuracy']:.3f} "
+            f"+- {st.before_guided['accuracy_stderr']:.3f} (the base as it is usually sampled)")
     if ev.every and st.best is None:  # a fresh run, or validation switched on at the resume: start from here
         with run.averaged():
             metrics, _ = run.validate()
-            st.best = _snapshot(run.model, st.rollout, metrics["accuracy"])
+            run.new_best(metrics["accuracy"])
         st.val_start = metrics["accuracy"] if st.rollout == 0 else st.val_start
         st.watch = DriftWatch(metrics["image_stats"], ev.watch_multiple)
-    run.metrics_file = (run.out / "metrics.jsonl").open("a" if resume is not None else "w")
+    if run.main:
+        run.metrics_file = (run.out / "metrics.jsonl").open("a" if resume is not None else "w")
 
 
 def sample_and_score(run: Run) -> Batch:
@@ -472,21 +488,23 @@ def record(run: Run, batch: Batch, stats: list[dict], grad_norm: float, seconds:
                rollout_batch=st.rollout_batch or run.config.rollout.batch_size)
     st.history.append(row)
     _warn_if_degenerate(run, row, len(every_reward))
-    if not run.main:
-        return row
     ev = run.config.eval
-    if ev.every and st.rollout % ev.every == 0:
+    validated = bool(ev.every and st.rollout % ev.every == 0)
+    if validated:  # every rank its share
         with run.averaged():
             metrics, val_tiles = run.validate()
             if metrics["accuracy"] > st.best["accuracy"]:
-                st.best = _snapshot(run.model, st.rollout, metrics["accuracy"])
+                run.new_best(metrics["accuracy"])
         row["val_accuracy"] = metrics["accuracy"]
         if "watch_reward_mean" in metrics:
             row["val_watch_reward"] = metrics["watch_reward_mean"]
+    row["flops_eval"] = st.flops["eval"]
+    if not run.main:
+        return row
+    if validated:
         _watch(run, row, metrics)
         grid = run.out / "samples" / f"rollout-{st.rollout:05d}.png"
         save_grid(val_tiles.head(50), grid, f"rollout {st.rollout}: validation accuracy {100 * metrics['accuracy']:.1f}%")
-    row["flops_eval"] = st.flops["eval"]
     run.metrics_file.write(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v
                                        for k, v in row.items()}) + "\n")
     run.metrics_file.flush()
@@ -522,26 +540,30 @@ def out_of_time(run: Run, start: float) -> bool:
 def finish(run: Run, start: float) -> RunResult:
     """Rank 0 keeps the best weights (by validation), saves them and measures them on the held-out seeds."""
     st, config = run.state, run.config
-    if not run.main:
-        run.dist.barrier()
-        return RunResult({}, st.history, run.model)
-    run.metrics_file.close()
+    if run.main:
+        run.metrics_file.close()
     if config.eval.every:  # keep the best on the validation seeds
         if st.rollout % config.eval.every:  # the last rollout was not validated (a time budget): look at it now
             with run.averaged():
                 accuracy = run.validate()[0]["accuracy"]
                 if accuracy > st.best["accuracy"]:
-                    st.best = _snapshot(run.model, st.rollout, accuracy)
-        _load_trained_state(run.model, st.best["state"])
+                    run.new_best(accuracy)
+        if run.main:
+            _load_trained_state(run.model, st.best["state"])
+        run.dist.broadcast_from_main(run.params)  # rank 0 alone keeps the best's weights
     else:  # no validation: the final weights (their moving average, if train.ema_decay)
         if run.ema is not None:
             run.ema.copy_to(run.params)
         st.best = {"rollout": st.rollout}
-    if config.lora.enabled:
-        run.model.save_adapter(run.out / "adapter")
-    else:
-        run.model.save_pretrained(run.out / "model")
-    after, after_tiles = run.held_out()
+    if run.main:
+        if config.lora.enabled:
+            run.model.save_adapter(run.out / "adapter")
+        else:
+            run.model.save_pretrained(run.out / "model")
+    after, after_tiles = run.held_out()  # every rank its share
+    if not run.main:
+        run.dist.barrier()
+        return RunResult({}, st.history, run.model)
     summary = {
         "accuracy_before": st.before["accuracy"], "accuracy_after": after["accuracy"],
         **gain_interval(st.before, after),

@@ -49,10 +49,21 @@ class StatsAccumulator:
         for name, values in image_stats(images).items():
             self.parts[name].append(values)
 
+    def values(self) -> dict[str, torch.Tensor]:
+        """Each statistic of every image added, in order: name -> (N,) float32 (what a rank sends to be gathered)."""
+        return {name: torch.cat(parts) if parts else torch.zeros(0) for name, parts in self.parts.items()}
+
+    @classmethod
+    def of(cls, values: dict[str, torch.Tensor]) -> "StatsAccumulator":
+        """An accumulator holding these per-image values (gathered from every rank)."""
+        acc = cls()
+        for name in STATS:
+            acc.parts[name].append(values[name])
+        return acc
+
     def summary(self) -> dict[str, dict[str, float]]:
         out = {}
-        for name, parts in self.parts.items():
-            values = torch.cat(parts) if parts else torch.zeros(0)
+        for name, values in self.values().items():
             out[name] = {"mean": values.mean().item() if len(values) else math.nan,
                          "std": values.std(unbiased=False).item() if len(values) else math.nan}
         return out

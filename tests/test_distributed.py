@@ -60,7 +60,8 @@ def test_two_processes_train_the_weights_of_one(tmp_path, reference_decay, toler
         torch.testing.assert_close(b[k], a[k], rtol=tolerance, atol=tolerance)
     # the compute is counted over both processes: the same as one process's (micro-batch 3 cuts the groups of 4,
     # so every update runs the same passes whatever the rewards)
-    flops = [json.loads((tmp_path / r / "summary.json").read_text())["flops"] for r in ("one", "two")]
+    summaries = [json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two")]
+    flops = [s["flops"] for s in summaries]
     assert flops[0]["train"] > 0 and {k: flops[1][k] for k in ("rollout", "update", "eval")} == {
         k: flops[0][k] for k in ("rollout", "update", "eval")}
 
@@ -231,3 +232,86 @@ def test_a_stop_request_to_one_rank_stops_both_at_the_same_rollout_and_torchrun_
     a, b = _adapter(tmp_path / "full"), _adapter(tmp_path / "stopped")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len(rows("stopped")) == 3 and rows("stopped") == rows("full")
+
+
+def _evaluators():
+    from gpo_fast.evaluate import PromptEvaluator
+    from gpo_fast.language import Prompt
+    from gpo_fast.toy.data import MAX_DOTS, prompt_for
+    from gpo_fast.toy.evaluate import ToyEvaluator
+    from gpo_fast.toy.reward import DotCountReward
+
+    prompts = [Prompt(text=prompt_for(n), task="toy", n=n) for n in range(1, MAX_DOTS + 1)]
+    # 45 samples: shares of 22 and 23; batches of 4 cut across the shares; 30 kept images span both ranks
+    return {"toy": ToyEvaluator(samples=45, steps=3, cfg_scale=2.0, keep_images=30, watch=DotCountReward()),
+            "prompts": PromptEvaluator(DotCountReward(partial_credit=True), prompts, samples=45, steps=3,
+                                       cfg_scale=2.0, batch_size=4, keep_images=30, watch=DotCountReward())}
+
+
+def _evaluate_in_rank(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from gpo_fast.distributed import Dist
+    from gpo_fast.toy.model import ToyModel
+
+    dist, model = Dist.from_env(), ToyModel.from_pretrained()
+    results = {name: evaluator(model, 5, dist) for name, evaluator in _evaluators().items()}
+    torch.save(results, f"{out}.{rank}")
+    dist.barrier()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo process groups are tested on Linux")
+def test_an_evaluation_shared_by_two_processes_is_the_one_process_evaluation(tmp_path):
+    """Each rank samples and scores its share of the fixed seeds (22 and 23 of 45); gathered, both ranks hold the
+    metrics and tiles one process measures: the same counts, rewards, statistics and kept images."""
+    import torch.multiprocessing as mp
+
+    from gpo_fast.toy.model import ToyModel
+
+    torch.set_num_threads(1)
+    mp.spawn(_evaluate_in_rank, args=(2, _free_port(), str(tmp_path / "r")), nprocs=2, join=True)
+    shared = [torch.load(f"{tmp_path / 'r'}.{rank}", weights_only=False) for rank in (0, 1)]
+    model = ToyModel.from_pretrained()
+    for name, evaluator in _evaluators().items():
+        metrics, tiles = evaluator(model, 5)
+        assert 0 < metrics["accuracy"] < 1 and metrics["n_samples"] == 45 and len(tiles) == 30
+        for rank in (0, 1):
+            got, got_tiles = shared[rank][name]
+            assert got.keys() == metrics.keys()
+            for key, value in metrics.items():  # counts exact; means of per-image values to float rounding
+                if key == "image_stats":
+                    for stat, moments in value.items():
+                        assert got[key][stat] == pytest.approx(moments, rel=1e-5, abs=1e-7), (name, stat)
+                elif isinstance(value, float):
+                    assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (name, key)
+                else:  # sample counts, accuracy and counts per count asked
+                    assert got[key] == value, (name, key)
+            assert got_tiles.labels == tiles.labels and got_tiles.correct == tiles.correct
+            torch.testing.assert_close(got_tiles.images, tiles.images, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo process groups are tested on Linux")
+def test_a_run_in_two_processes_evaluates_and_validates_as_one_process(tmp_path):
+    """Every evaluation of a run (before, each validation, after) shared by two processes, 10 and 11 of 21 samples
+    each: the same accuracies as one process, the same best rollout, and the final evaluation of the kept weights,
+    which rank 0 alone holds and sends to rank 1."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    kept = [x for flag, value in zip(ARGS[::2], ARGS[1::2]) if not value.startswith("eval.") for x in (flag, value)]
+    args = [*kept, "--set", "eval.every=1", "--set", "eval.samples=21", "--set", "eval.steps=6", "--set",
+            "eval.cfg_scale=2"]
+    one = subprocess.run([str(BIN / "gpo-fast"), "train", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                          "-m", "gpo_fast.cli", "train", *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    summaries = [json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two")]
+    assert 0 < summaries[0]["accuracy_before"] < 1 and summaries[0]["accuracy_after"] > 0
+    for key in ("accuracy_before", "accuracy_after", "best_rollout", "blank_before", "blank_after"):
+        assert summaries[1][key] == summaries[0][key], key
+    assert summaries[1]["flops"]["eval"] == summaries[0]["flops"]["eval"] > 0
+    val = [[json.loads(line)["val_accuracy"] for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+           for r in ("one", "two")]
+    assert len(val[0]) == 2 and val[1] == val[0]

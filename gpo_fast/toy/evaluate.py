@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from gpo_fast.evaluate import Tiles
+from gpo_fast.evaluate import Tiles, gather_shares, noise_of_share, share_of
 from gpo_fast.language import Prompt
 from gpo_fast.models.base import DiffusionModel
 from gpo_fast.sampling import sample
@@ -38,9 +38,13 @@ def evaluate_toy(
     prompts = toy_eval_prompts(n_samples)
     images = model.decode(sample(model, prompts, steps=steps, cfg_scale=cfg_scale,
                                  generator=torch.Generator().manual_seed(seed), solver=solver))
-    wanted = torch.tensor([count_in_prompt(p) for p in prompts])
-    strict = count_dots(images)
-    lenient = count_dots(images, min_size=LENIENT_MIN_SIZE)
+    return toy_metrics(count_dots(images), count_dots(images, min_size=LENIENT_MIN_SIZE)), images
+
+
+def toy_metrics(strict: torch.Tensor, lenient: torch.Tensor) -> dict:
+    """The metrics of samples 0..N-1 of the toy evaluation from their component counts, strict and lenient."""
+    n_samples = len(strict)
+    wanted = torch.tensor([count_in_prompt(p) for p in toy_eval_prompts(n_samples)])
     acc = (strict == wanted).float().mean().item()
     return {
         "n_samples": n_samples,
@@ -51,7 +55,7 @@ def evaluate_toy(
         "mean_count": strict.float().mean().item(),
         "accuracy_per_n": {n: (strict[wanted == n] == n).float().mean().item() for n in range(1, MAX_DOTS + 1)},
         "counts_per_n": counts_per_n(strict, wanted),
-    }, images
+    }
 
 
 def counts_per_n(counted: torch.Tensor, wanted: torch.Tensor) -> dict[int, list[float]]:
@@ -80,19 +84,30 @@ class ToyEvaluator:
     # beside accuracy, the run summary reports these before and after (metric -> summary name)
     headline = {"accuracy_lenient": "accuracy_lenient", "blank_fraction": "blank"}
 
-    def __call__(self, model: DiffusionModel, seed: int) -> tuple[dict, Tiles]:
+    def __call__(self, model: DiffusionModel, seed: int, dist=None) -> tuple[dict, Tiles]:
+        """With `dist`, this rank's share of the samples (gpo_fast.evaluate): the noise of one process's evaluation
+        (drawn at once for all samples), the counts and statistics gathered in rank order."""
+        prompts = toy_eval_prompts(self.samples)
+        mine = share_of(self.samples, dist)
+        noise = noise_of_share(model.latent_shape, self.samples, self.samples, seed, mine)
         model.eval()
         with torch.no_grad(), self.precision():
-            metrics, images = evaluate_toy(model, n_samples=self.samples, steps=self.steps, cfg_scale=self.cfg_scale,
-                                           seed=seed, solver=self.solver)
-        images = images.float().cpu()
+            images = model.decode(sample(model, prompts[mine], steps=self.steps, cfg_scale=self.cfg_scale,
+                                         generator=None, noise=noise, solver=self.solver)).float().cpu()
         stats = StatsAccumulator()
         stats.add(images)
-        metrics["image_stats"] = stats.summary()
+        watch = None
         if self.watch is not None:
-            prompts = [Prompt(text=t, task="toy", n=count_in_prompt(t)) for t in toy_eval_prompts(self.samples)]
-            metrics["watch_reward_mean"] = self.watch.measure(images, prompts).reward.float().nanmean().item()
-        kept = images[:self.keep_images]
-        wanted = [count_in_prompt(t) for t in toy_eval_prompts(len(kept))]
-        right = (count_dots(kept) == torch.tensor(wanted, dtype=torch.long)).tolist()  # the strict counter
+            asked = [Prompt(text=t, task="toy", n=count_in_prompt(t)) for t in prompts[mine]]
+            watch = self.watch.measure(images, asked).reward.float().cpu()
+        every = gather_shares({"strict": count_dots(images), "lenient": count_dots(images, min_size=LENIENT_MIN_SIZE),
+                               "stats": stats.values(), "watch": watch,
+                               "kept": images[:max(0, self.keep_images - mine.start)]}, dist)
+        metrics = toy_metrics(every["strict"], every["lenient"])
+        metrics["image_stats"] = StatsAccumulator.of(every["stats"]).summary()
+        if every["watch"] is not None:
+            metrics["watch_reward_mean"] = every["watch"].nanmean().item()
+        kept = every["kept"]
+        wanted = [count_in_prompt(t) for t in prompts[:len(kept)]]
+        right = (every["strict"][:len(kept)] == torch.tensor(wanted, dtype=torch.long)).tolist()  # the strict counter
         return metrics, Tiles(kept, [str(n) for n in wanted], right)
