@@ -449,16 +449,25 @@ def trace_phase(name: str, model, config: Config, fake_mode=None) -> Phase:
     traced_n = mb if mb % ro.group_size == 0 else min(n, ro.group_size * math.ceil(mb / ro.group_size))
     trainable = model.trainable_parameters()
 
+    def kept_latents(live):  # the final latents of the rollout's earlier batches stay on the GPU for the updates
+        live.kind = "latents"
+        kept = torch.zeros((n - batch, *model.latent_shape))
+        live.kind = "activations"
+        return kept
+
     def rollout(live):  # one sampler step of `batch` images (2x the batch with guidance), under no_grad
         model.eval()
+        kept = kept_latents(live)  # noqa: F841 (alive through the step)
         with torch.no_grad():
             _solve(model, ["plan"] * batch, torch.zeros((batch, *model.latent_shape)), 1, ro.cfg_scale)
 
-    def decode(live):  # the VAE decodes one image at a time (sliced), the batch's latents alive
+    def decode(live):  # the last batch decoded whole (the VAE goes one image at a time, sliced, and the batch's
+        model.eval()   # images are alive until they are copied off the GPU), the earlier batches' latents alive
+        kept = kept_latents(live)  # noqa: F841
         live.kind = "latents"
         latents = torch.zeros((batch, *model.latent_shape))
         live.kind = "activations"
-        model.decode(latents[:1])
+        model.decode(latents)
 
     def update(live):  # one micro-batch forward + backward
         model.train()
@@ -478,7 +487,8 @@ def trace_phase(name: str, model, config: Config, fake_mode=None) -> Phase:
 
     fn, scale, note = {
         "rollout": (rollout, ro.steps * math.ceil(n / batch), f"one sampler step of {batch} images traced"),
-        "decode": (decode, n, "one image traced (the VAE decodes sliced)"),
+        "decode": (decode, n / batch, f"one batch of {batch} images traced (the VAE decodes sliced), the rollout's "
+                   "latents alive"),
         "update": (update, n / traced_n, f"one micro-batch of {traced_n} traced"
                    + (", the gradients of an earlier one alive" if mb < n else "")),
     }[name]

@@ -75,8 +75,9 @@ def rollout(
 
     score(images, start): called on every decoded batch (float32, on the CPU; `start` its first sample's
     index), under no_grad and without autocast; its results come back in batch order as a fourth element, and
-    the images come back as those float32 CPU batches (each moved off the GPU once decoded, so a rollout keeps one
-    batch of decoded images on the GPU, not all of them).
+    the images come back as those float32 CPU batches (each moved off the GPU once decoded: the GPU holds the
+    final latents of the batches drawn so far and, while one is decoded, that batch's images, which
+    gpo_fast.plan counts).
     With overlap (and more than one batch) a worker thread scores each batch while the sampler draws the
     next (on a GPU, on its own CUDA stream), so reward time hides behind sampling; the batches, and so the
     results, are the same either way."""
@@ -95,7 +96,8 @@ def rollout(
             latents.append(x)
             if score is not None:
                 batch = img.float().cpu()
-                images.append(batch)  # off the GPU at once: only this batch's images are on it at any time
+                del img  # off the GPU at once, not kept while the next batch is drawn
+                images.append(batch)
                 scored.append(pool.submit(_score_in_worker, score, batch, i, device) if pool
                               else _score_here(score, batch, i))
             else:

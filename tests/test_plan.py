@@ -84,6 +84,20 @@ def test_what_the_plan_sees_moves_with_the_config(mid):
     assert nf4.holders["weights"] < 0.4 * base.holders["weights"]
 
 
+def test_the_plan_counts_the_rollouts_latents_and_the_decoded_batch(tiny):
+    """What a rollout keeps on the GPU: the final latents of all its images (the updates train on them) while a
+    batch is drawn or decoded, and the decoded batch's images until they are copied off; decoding is planned per
+    batch, so its FLOPs do not change with the batch size."""
+    one, four = (plan(_config(tiny, **{"rollout.batch_size": b}), only="decode").phase("decode") for b in ("1", "4"))
+    n, latent = 8, 16 * 16 * 16 * 4  # 2 prompts x 4 images; 16 channels at 16 x 16, float32
+    assert one.holders["latents"] == four.holders["latents"] == n * latent  # kept ones and the batch's
+    image = 3 * 32 * 32 * 4  # one decoded image, float32
+    assert four.holders["activations"] - one.holders["activations"] >= 3 * image  # three more images alive
+    assert one.flops == four.flops > 0
+    rollout = plan(_config(tiny, **{"rollout.batch_size": "2"}), only="rollout").phase("rollout")
+    assert rollout.holders["latents"] >= (n - 2) * latent  # the earlier batches' latents, beside the step's own
+
+
 def test_live_bytes_counts_blocks_births_and_deaths():
     from gpo_fast.plan import LiveBytes
 

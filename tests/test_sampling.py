@@ -117,6 +117,42 @@ def test_the_worker_scores_on_the_models_device_and_one_side_stream():
     assert side_stream(device) != torch.cuda.default_stream(device)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_scored_rollout_keeps_no_decoded_image_on_the_gpu(tmp_path):
+    """When batch k is scored, the GPU holds the final latents of batches 0..k and no decoded image (each batch
+    is copied off the GPU and dropped there before it is scored): what gpo_fast.plan counts."""
+    from gpo_fast.models.sd3 import SD3Model
+    from gpo_fast.models.testing import IMAGE_SIZE, build_tiny_sd3
+
+    model = SD3Model.from_pretrained(str(build_tiny_sd3(tmp_path)), resolution=IMAGE_SIZE, t5="off", device="cuda",
+                                     dtype=torch.float32)
+    prompts, batch = ["a photo of three cats", "a photo of two dogs"], 4
+    held = []
+
+    def score(images, start):
+        torch.cuda.synchronize()
+        held.append(torch.cuda.memory_allocated() - before)
+        assert images.device.type == "cpu"
+        return len(images)
+
+    def draw():
+        return rollout(model, prompts, 4, steps=2, cfg_scale=1.0, generator=torch.Generator().manual_seed(0),
+                       batch_size=batch, score=score, overlap=False)
+
+    before = torch.cuda.memory_allocated()
+    draw()  # the prompts' embeddings are cached on the GPU by the first rollout
+    held.clear()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    _, latents, images, _ = draw()
+    latent_batch = batch * latents[0].numel() * 4  # float32, a multiple of 512 B
+    image_batch = batch * images[0].numel() * 4
+    assert len(held) == 2 and image_batch > 16384
+    for k, bytes_held in enumerate(held):
+        assert bytes_held <= (k + 1) * latent_batch + 16384, (k, bytes_held, latent_batch, image_batch)
+
+
 def test_the_first_batch_is_scored_while_the_sampler_draws_the_next():
     """Scoring batch 0 waits until the sampler has started batch 1: with the overlap it is drawn meanwhile;
     scored in line, the wait times out."""
