@@ -12,8 +12,9 @@ registers and spills. No GPU is used: this proves that the kernels compile and w
 they run.
 
 Exit status 1 when a variant fails to compile, needs more shared memory than a block may use on its target
-(it would not launch), or spills with a group of at most 64 (the project's bar); --subset ci is the representative subset tests/test_compile.py runs (every kernel, bf16 and fp32, every
-objective, all four targets). Run without TRITON_INTERPRET (the interpreter replaces the compiler).
+(it would not launch), or spills with a group of at most 64 (the project's bar); --subset ci is the representative
+subset tests/test_compile.py runs (every kernel; bf16, fp32 and the trainer's bf16 prediction against a float32
+target; every objective; all four targets). Run without TRITON_INTERPRET (the interpreter replaces the compiler).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ REGISTER_UNIT = 256  # registers are allocated to a warp in units of 256
 SMEM_RESERVED_PER_BLOCK = 1024  # the driver reserves 1 KB of shared memory per block (sm_80 and later)
 
 DTYPES = ("bfloat16", "float16", "float32")
+# the --subset ci dtypes: matched, and the trainer's own launch on SD3 (a bf16 prediction, a float32 target: the
+# velocity target u = eps - x0 is float32)
+MATCHED_AND_MIXED = (("bfloat16", ""), ("float32", ""), ("bfloat16", "float32"))
 OBJECTIVES = ("gpo", "gpo-pairs", "dpo")
 # (N, D) of sample_mse: SD3.5 latents at 512 and 1024 px (16 x 64 x 64, 16 x 128 x 128), a D that is not a multiple
 # of 16, a one-chunk one
@@ -56,15 +60,17 @@ NO_SPILL_UP_TO_G = 64
 class Case:
     """One call of an entry point: what it is, on which shapes."""
     entry: str  # "sample_mse" or an objective of gpo_loss
-    dtype: str
+    dtype: str  # the prediction's
     n: int
     d: int
     group_size: int = 0  # 0 for sample_mse
+    target: str = ""  # the target's dtype, when it differs: the trainer's bf16 prediction against a float32 target
 
     @property
     def label(self) -> str:
         g = f" G={self.group_size}" if self.group_size else ""
-        return f"{self.entry} {self.dtype} N={self.n} D={self.d}{g}"
+        dt = f"{self.dtype}/{self.target}" if self.target else self.dtype
+        return f"{self.entry} {dt} N={self.n} D={self.d}{g}"
 
 
 @dataclass
@@ -87,11 +93,12 @@ class Variant:
 
 def cases(subset: str) -> list[Case]:
     if subset == "ci":
-        out = [Case("sample_mse", dt, 8, 16 * 64 * 64) for dt in ("bfloat16", "float32")]
-        out += [Case(obj, dt, 2 * g, 16 * 64 * 64, g) for obj in OBJECTIVES for dt in ("bfloat16", "float32")
+        out = [Case("sample_mse", dt, 8, 16 * 64 * 64, 0, t) for dt, t in MATCHED_AND_MIXED]
+        out += [Case(obj, dt, 2 * g, 16 * 64 * 64, g, t) for obj in OBJECTIVES for dt, t in MATCHED_AND_MIXED
                 for g in (8, 64)]
         return out
     out = [Case("sample_mse", dt, n, d) for dt in DTYPES for n, d in MSE_SHAPES]
+    out += [Case("sample_mse", "bfloat16", n, d, 0, "float32") for n, d in MSE_SHAPES]
     for obj in OBJECTIVES:
         for g in GROUP_SIZES:
             # one group (micro-batches of a group) to many: the finalize kernel's tiles change with the count;
@@ -100,7 +107,10 @@ def cases(subset: str) -> list[Case]:
                 if g * groups <= 1024 and (g <= 64 or groups in (1, 4)):  # a pair tile of 256^2 takes a minute
                     for dt in (DTYPES if groups in (1, 4) else ("bfloat16",)):
                         out.append(Case(obj, dt, g * groups, 16 * 64 * 64, g))
+                    if groups in (1, 4):
+                        out.append(Case(obj, "bfloat16", g * groups, 16 * 64 * 64, g, "float32"))
             out.append(Case(obj, "bfloat16", 4 * g, 1000, g))
+            out.append(Case(obj, "bfloat16", 4 * g, 1000, g, "float32"))
     return out
 
 
@@ -132,7 +142,7 @@ def intercepted_launches(case: Case, targets: list[int]) -> list[Variant]:
 
     dtype = getattr(torch, case.dtype)
     pred = torch.zeros(case.n, case.d, dtype=dtype, requires_grad=True)
-    target = torch.zeros(case.n, case.d, dtype=dtype)
+    target = torch.zeros(case.n, case.d, dtype=getattr(torch, case.target or case.dtype))
     original = JITFunction.run
     JITFunction.run = run
     try:

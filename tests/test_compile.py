@@ -1,6 +1,7 @@
 """The kernels compile natively for sm_80, sm_86, sm_89 and sm_90 on this CPU (benchmarks/compile_kernels.py, with
 triton's own compiler and the ptxas inside its wheel): a representative subset of the variants the launchers
-make (every kernel; bf16 and fp32; gpo, gpo-pairs and dpo; groups of 8 and 64), none failing, none spilling."""
+make (every kernel; bf16, fp32 and the trainer's bf16 prediction against a float32 target; gpo, gpo-pairs and dpo;
+groups of 8 and 64), none failing, none spilling."""
 
 import csv
 import importlib.util
@@ -44,6 +45,11 @@ def test_every_kernel_compiles_without_spills_for_every_target(tmp_path):
     assert all(any(f"OBJECTIVE={i}" in r["variant"] for r in finalize) for i in range(3))
     partials = [r for r in rows if r["kernel"] == "_sq_err_partials_kernel"]
     assert {"*bf16", "*fp32"} <= {r["signature"].split()[0].split(":")[1] for r in partials}
+    # the trainer's own launch on SD3: a bf16 prediction against a float32 target, in the forward and the backward
+    for kernel in ("_sq_err_partials_kernel", "_scaled_diff_kernel"):
+        mixed = [r for r in rows if r["kernel"] == kernel and "pred_ptr:*bf16" in r["signature"]
+                 and "target_ptr:*fp32" in r["signature"]]
+        assert {r["target"] for r in mixed} == TARGETS, kernel
     # SD3 latents (D a multiple of 16) load 128 bits per thread at a time, in every dtype
     assert all(int(r["load_bits"]) == 128 for r in partials)
 
