@@ -2,6 +2,7 @@
 pipeline samples, prompt caching, two GPO steps through the loop, the adapter loaded by
 StableDiffusion3Pipeline.load_lora_weights giving the trainer's images, and load errors."""
 
+import math
 import os
 import subprocess
 import sys
@@ -23,10 +24,11 @@ def tiny_sd3(tmp_path_factory):
     return build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"))
 
 
-def _pipeline(folder):
+def _pipeline(folder, t5: bool = False):
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), text_encoder_3=None, tokenizer_3=None)
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), **({} if t5 else {"text_encoder_3": None,
+                                                                                 "tokenizer_3": None}))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -45,7 +47,69 @@ def test_sampler_takes_the_pipelines_steps(tiny_sd3):
     noise = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(ours, _pipeline_latents(_pipeline(tiny_sd3), noise), rtol=1e-5, atol=1e-5)
     images = model.decode(ours)
-    assert images.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE) and images.abs().max() <= 1.0
+    vae = _pipeline(tiny_sd3).vae  # the pipeline's own decode of these latents
+    with torch.no_grad():
+        expected = vae.decode(ours / vae.config.scaling_factor + vae.config.shift_factor).sample.clamp(-1, 1)
+    assert images.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    torch.testing.assert_close(images, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_t5_on_encodes_the_prompts_as_the_pipelines_encode_prompt(tiny_sd3):
+    """model.t5 = "full", as both SD3.5 presets run it: the embeddings are StableDiffusion3Pipeline.encode_prompt's
+    with its T5 (the tiny SD3 has a one-layer T5), and T5's part of them is not the zeros of t5 = "off"."""
+    prompts = [PROMPT, "a sign that reads open", ""]
+    model = SD3Model.from_pretrained(str(tiny_sd3), resolution=IMAGE_SIZE, t5="full")
+    ours = model.encode_prompts(prompts)
+    pipe = _pipeline(tiny_sd3, t5=True)
+    with torch.no_grad():
+        hidden, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
+                                                  do_classifier_free_guidance=False)
+    torch.testing.assert_close(ours.hidden, hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.pooled, pooled, rtol=1e-5, atol=1e-5)
+    off = SD3Model.from_pretrained(str(tiny_sd3), resolution=IMAGE_SIZE, t5="off").encode_prompts(prompts)
+    assert torch.equal(off.pooled, ours.pooled)  # CLIP's pooled vectors, T5 or not
+    t5_part = ours.hidden[:, 77:]  # CLIP's 77 tokens, then T5's
+    assert t5_part.abs().max() > 0.1 and off.hidden[:, 77:].abs().max() == 0
+
+
+def test_the_presets_bf16_precision_samples_as_the_float32_pipeline_to_bf16_rounding(tiny_sd3, monkeypatch):
+    """The presets' precision (bf16 weights, bf16 autocast; on the CPU here) draws what the float32 pipeline
+    draws to within bf16's rounding, and one GPO update through the loop's own code under it (bf16 prediction,
+    float32 target, into the loss) gives the float32 model's gradient on the float32 LoRA to bf16's rounding."""
+    from gpo_fast.config import load_config
+    from gpo_fast.models.sd3 import SD3_LORA_TARGETS
+    from gpo_fast.update import gpo_update
+
+    model = SD3Model.from_pretrained(str(tiny_sd3), resolution=IMAGE_SIZE, t5="full", dtype=torch.bfloat16)
+    assert model.transformer.dtype == torch.bfloat16
+    noise = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = sample(model, [PROMPT] * 2, steps=3, cfg_scale=4.0, generator=None, noise=noise)
+    reference = _pipeline_latents(_pipeline(tiny_sd3, t5=True), noise)
+    assert ours.dtype == torch.float32  # the sampler's state stays float32
+    err = (ours - reference).abs().max().item()
+    assert 0 < err < 0.05 * reference.abs().max().item()  # bf16 (8 bits of mantissa) over 3 steps, not float32's
+
+    cfg = load_config(preset="sd35m-counting", overrides=["rollout.group_size=4", "rollout.prompts=1",
+                                                          "rollout.steps=3", "train.micro_batch=4"])
+    x0 = sample(model, [PROMPT] * 4, steps=2, cfg_scale=1.0, generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for name, m in (("bf16", model), ("fp32", SD3Model.from_pretrained(str(tiny_sd3), resolution=IMAGE_SIZE,
+                                                                       t5="full", dtype=torch.float32))):
+        torch.manual_seed(3)  # the same LoRA in both
+        m.add_lora(4, 4.0, SD3_LORA_TARGETS)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(std=0.01, generator=torch.Generator().manual_seed(len(n)))
+        m.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
+            stats = gpo_update(m, x0, [PROMPT] * 4, torch.arange(4.0), cfg, torch.Generator().manual_seed(2))
+        assert math.isfinite(stats["loss"]) and all(p.dtype == torch.float32 for p in m.trainable_parameters())
+        grads[name] = torch.cat([p.grad.reshape(-1) for p in m.trainable_parameters()])
+    assert grads["fp32"].abs().max() > 0 and torch.isfinite(grads["bf16"]).all()
+    cosine = torch.nn.functional.cosine_similarity(grads["bf16"], grads["fp32"], dim=0).item()
+    assert cosine > 0.99, cosine  # the same direction to bf16's rounding
 
 
 def test_prompt_embeddings_are_cached_on_disk_and_encoders_released(tiny_sd3, tmp_path):
@@ -69,14 +133,17 @@ def test_prompt_embeddings_are_cached_on_disk_and_encoders_released(tiny_sd3, tm
     assert len(list(tmp_path.glob("*.safetensors"))) == 5
 
 
-def test_two_gpo_steps_then_the_pipeline_loads_the_adapter_and_draws_the_same(tiny_sd3, tmp_path, monkeypatch):
+@pytest.mark.parametrize("t5", ["off", "full"])
+def test_two_gpo_steps_then_the_pipeline_loads_the_adapter_and_draws_the_same(t5, tiny_sd3, tmp_path, monkeypatch):
+    """The SD3.5 preset's loop on the tiny SD3, with T5 as the presets run it ("full") and without: the adapter
+    trains, and StableDiffusion3Pipeline (with its T5 where the run had one) draws the trainer's images with it."""
     from gpo_fast import components
     from gpo_fast.config import load_config
     from gpo_fast.train import train
 
     monkeypatch.setattr(components, "build_reward", lambda config, device: BrightnessReward())
     cfg = load_config(preset="sd35m-counting", overrides=[
-        f'model.path="{tiny_sd3}"', f"model.resolution={IMAGE_SIZE}", 'model.t5="off"', f'out="{tmp_path / "run"}"',
+        f'model.path="{tiny_sd3}"', f"model.resolution={IMAGE_SIZE}", f'model.t5="{t5}"', f'out="{tmp_path / "run"}"',
         "lora.rank=4", "lora.alpha=8.0",  # alpha != rank: the file must carry it
         "rollout.prompts=2", "rollout.group_size=4", "rollout.steps=2",
         "rollout.batch_size=4", "train.rollouts=1", "train.inner_updates=2", "train.lr=0.01", "train.warmup_updates=0",
@@ -91,7 +158,7 @@ def test_two_gpo_steps_then_the_pipeline_loads_the_adapter_and_draws_the_same(ti
 
     noise = torch.randn((2, *result.model.latent_shape), generator=torch.Generator().manual_seed(7))
     ours = sample(result.model, [PROMPT] * 2, steps=3, cfg_scale=4.0, generator=torch.Generator().manual_seed(7))
-    pipe = _pipeline(tiny_sd3)
+    pipe = _pipeline(tiny_sd3, t5=t5 == "full")
     base = _pipeline_latents(pipe, noise)
     pipe.load_lora_weights(str(run / "adapter"))
     tuned = _pipeline_latents(pipe, noise)
@@ -244,7 +311,8 @@ def test_cli_trains_the_tiny_sd3_with_a_yaml_built_yolo(tiny_sd3, tmp_path):
     ], capture_output=True, text=True, env={**os.environ, "YOLO_CONFIG_DIR": str(tmp_path / "yolo")})
     assert out.returncode == 0, out.stderr[-2000:]
     summary = __import__("json").loads((run / "summary.json").read_text())
-    assert summary["steps"] == 1 and 0.0 <= summary["accuracy_after"] <= 1.0
+    assert summary["steps"] == 1 and summary["eval_after"]["n_samples"] == 10
+    assert summary["accuracy_after"] * 10 == pytest.approx(round(summary["accuracy_after"] * 10))  # k of 10 samples
     # the built-in set holds out val items: the adapter is chosen on them, the gain measured on eval
     assert summary["prompts"]["val"] > 0 and "val split" in summary["validation"] and "val split" in out.stdout
     splits = [__import__("json").loads(line)["split"] for line in (run / "prompts.jsonl").read_text().splitlines()]
@@ -285,14 +353,14 @@ def test_cli_missing_or_empty_prompt_file_exit_2(tmp_path, content, needle):
 
 def test_text_encoders_on_the_cpu_encode_the_same_prompts(tiny_sd3):
     """model.text_encoders = "cpu": the prompts are encoded on the CPU (on a GPU machine the encoders never take
-    GPU memory); the embeddings are those of the default path."""
+    GPU memory); the embeddings, T5's part included, are those of the default path."""
     from gpo_fast.components import build_model
     from gpo_fast.config import load_config
 
     on_cpu = build_model(load_config(preset="sd35m-counting", overrides=[
-        f'model.path="{tiny_sd3}"', f"model.resolution={IMAGE_SIZE}", 'model.t5="off"', 'model.text_encoders="cpu"',
+        f'model.path="{tiny_sd3}"', f"model.resolution={IMAGE_SIZE}", 'model.t5="full"', 'model.text_encoders="cpu"',
         'device="cpu"']), torch.device("cpu"), trainable=False)
-    default = SD3Model.from_pretrained(str(tiny_sd3), resolution=IMAGE_SIZE, t5="off")
+    default = SD3Model.from_pretrained(str(tiny_sd3), resolution=IMAGE_SIZE, t5="full")
     assert on_cpu._encode_device == torch.device("cpu")
     a, b = on_cpu.encode_prompts([PROMPT]), default.encode_prompts([PROMPT])
     assert torch.equal(a.hidden, b.hidden) and torch.equal(a.pooled, b.pooled)
@@ -382,3 +450,102 @@ def test_bitsandbytes_int8_cast_notice_is_said_once(caplog):
     said = [r.getMessage() for r in caplog.records if r.name == INT8_CAST_LOGGER]
     assert said == ["MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16 during quantization",
                     "something else"]
+
+
+def _sd3_run_config(tiny_sd3, out, *extra):
+    from gpo_fast.config import load_config
+
+    return load_config(preset="sd35m-counting", overrides=[
+        f'model.path="{tiny_sd3}"', f"model.resolution={IMAGE_SIZE}", 'model.t5="full"', f'out="{out}"',
+        'reward.detector="yolo11n.yaml"', "rollout.prompts=2", "rollout.group_size=4", "rollout.steps=2",
+        "rollout.batch_size=4", "train.inner_updates=2", "train.lr=0.01", "train.micro_batch=4",
+        'train.optimizer="adamw"', "eval.samples=10", "eval.steps=2", 'log.report_to=["none"]', *extra])
+
+
+def test_a_crashed_sd3_run_resumes_to_the_uninterrupted_result(tiny_sd3, tmp_path, monkeypatch):
+    """The SD3.5 preset's loop on the tiny SD3 (T5 on, the warm-up schedule, the final weights kept) dies
+    after its second checkpoint; resumed from it, the run ends with the uninterrupted run's adapter and metrics,
+    bit for bit on the CPU."""
+    import json
+
+    import gpo_fast.train as train_module
+    from safetensors.torch import load_file
+
+    from gpo_fast import components
+    from gpo_fast.checkpoint import list_checkpoints
+    from gpo_fast.train import train
+
+    monkeypatch.setattr(components, "build_reward", lambda config, device: BrightnessReward())
+    extra = ["train.rollouts=3", "train.checkpoint_every=1", "eval.every=0", "train.warmup_updates=6"]
+    full = train(_sd3_run_config(tiny_sd3, tmp_path / "full", *extra), log=lambda *a: None).summary
+    real, calls = train_module.sample_and_score, []
+
+    def dies_in_the_third_rollout(run):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(run)
+
+    monkeypatch.setattr(train_module, "sample_and_score", dies_in_the_third_rollout)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(_sd3_run_config(tiny_sd3, tmp_path / "crashed", *extra), log=lambda *a: None)
+    monkeypatch.setattr(train_module, "sample_and_score", real)
+    checkpoint = list_checkpoints(tmp_path / "crashed")[-1]
+    assert checkpoint.name == "rollout-000002"
+    resumed = train(_sd3_run_config(tiny_sd3, tmp_path / "crashed", *extra), log=lambda *a: None,
+                    resume=checkpoint).summary
+
+    def rows(run):
+        return [{k: v for k, v in json.loads(line).items() if k != "step_seconds"}
+                for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    a = load_file(str(tmp_path / "full" / "adapter" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "crashed" / "adapter" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
+    assert len(rows("full")) == 3 and rows("crashed") == rows("full")
+    assert [r["lr"] for r in rows("full")][0] < [r["lr"] for r in rows("full")][-1]  # still warming up
+    for key in ("accuracy_after", "best_rollout", "flops"):
+        assert resumed[key] == full[key], key
+
+
+def test_a_full_fine_tune_of_sd3_saves_the_transformer_that_eval_and_sample_load(tiny_sd3, tmp_path, monkeypatch):
+    """lora.enabled = false on the tiny SD3: the run saves the whole transformer (diffusers' format), and
+    `gpo-fast eval --adapter RUN` and `gpo-fast sample --adapter RUN` load it: the tuned images are the trained
+    model's, not the base's."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from gpo_fast import cli, components
+    from gpo_fast.evaluate import load_tuned
+    from gpo_fast.train import train
+
+    monkeypatch.setattr(components, "build_reward", lambda config, device: BrightnessReward())
+    run = tmp_path / "run"
+    result = train(_sd3_run_config(tiny_sd3, run, "lora.enabled=false", "train.rollouts=1", "eval.every=0",
+                                   'model.dtype="float32"'), log=lambda *a: None)
+    assert (run / "model" / "config.json").is_file() and not (run / "adapter").exists()
+    fresh = SD3Model.from_pretrained(str(tiny_sd3), resolution=IMAGE_SIZE, t5="full")
+    base = {k: v.clone() for k, v in fresh.transformer.state_dict().items()}
+    assert load_tuned(fresh, run).startswith("transformer")
+    trained = result.model.transformer.state_dict()
+    assert all(torch.equal(fresh.transformer.state_dict()[k], trained[k]) for k in base)
+    assert any(not torch.equal(base[k], trained[k]) for k in base)  # the run changed the weights
+
+    monkeypatch.undo()  # the CLI below builds the run's own reward (YOLO from its yaml)
+    runner = CliRunner()
+    res = runner.invoke(cli.app, ["eval", str(run / "config.toml"), "--adapter", str(run), "--out",
+                                  str(tmp_path / "eval")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["loaded"].startswith("transformer")
+    assert report["tuned"]["image_stats"] != report["base"]["image_stats"]
+    pictures = {}
+    for name, extra in (("base", []), ("tuned", ["--adapter", str(run)])):
+        res = runner.invoke(cli.app, ["sample", str(run / "config.toml"), "--prompt", PROMPT, "--n", "1",
+                                      "--steps", "2", "--out", str(tmp_path / name), *extra])
+        assert res.exit_code == 0, res.output
+        (png,) = (tmp_path / name).glob("*.png")
+        pictures[name] = png.read_bytes()
+    assert pictures["base"] != pictures["tuned"]
