@@ -8,6 +8,7 @@ of range are rejected with the key's dotted name. The resolved config is written
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -186,8 +187,8 @@ class RewardSection(_Section):
             bad = [k for k in self.weights if k not in ("yolo-count", "ocr-text", "python")]
             if bad:
                 raise ValueError(f"reward.weights: unknown reward {bad[0]!r}; use yolo-count, ocr-text and/or python")
-            if any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
-                raise ValueError("reward.weights must be >= 0 with a positive sum")
+            if not all(math.isfinite(w) and w >= 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
+                raise ValueError("reward.weights must be finite and >= 0 with a positive sum")
         if (self.kind == "python" or (self.kind == "composite" and "python" in self.weights)) and not self.callable:
             raise ValueError("reward.kind = 'python' needs reward.callable, e.g. 'my_rewards:brightness' or "
                              "'rewards.py:brightness'")

@@ -185,3 +185,93 @@ def test_cli_drops_only_the_offline_notice_about_bitsandbytes_cpu_kernel(caplog)
                     "offline mode.")
     messages = [r.getMessage() for r in caplog.records if r.name == "kernels._internals.hf_hub"]
     assert len(messages) == 1 and "someone/other-kernel" in messages[0]
+
+
+def test_toy_pretrain_writes_its_manifest_and_refuses_to_overwrite(tmp_path):
+    """`gpo-fast toy pretrain`: model.safetensors and model.json, whose sha256 is the weights' and whose command and
+    settings are this run's; a second run into the same folder is refused and leaves the model as it was."""
+    import hashlib
+    import json
+
+    out = tmp_path / "base"
+    args = ["toy", "pretrain", "--out", str(out), "--steps", "3", "--batch-size", "4", "--eval-samples", "10",
+            "--seed", "5"]
+    done = _run(*args)
+    assert done.returncode == 0, done.stderr
+    weights, manifest = out / "model.safetensors", json.loads((out / "model.json").read_text())
+    assert manifest["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert manifest["pretrain"]["steps"] == 3 and manifest["pretrain"]["seed"] == 5
+    assert "--steps 3" in manifest["command"] and manifest["eval"]["n_samples"] == 10
+    before = weights.read_bytes()
+    again = _run(*args)
+    assert again.returncode == 2 and "already exists" in again.stderr and "--overwrite" in again.stderr
+    assert "Traceback" not in again.stderr and weights.read_bytes() == before
+
+
+def _tiny_run_args(out):
+    return ["train", "--out", str(out), "--set", "train.rollouts=1", "--set", "train.inner_updates=1", "--set",
+            "rollout.prompts=2", "--set", "rollout.group_size=4", "--set", "rollout.steps=2", "--set",
+            "eval.samples=10", "--set", "eval.steps=1", "--set", "eval.every=0", "--report-to", "none"]
+
+
+def test_train_refuses_a_folder_holding_a_finished_or_unfinished_run_and_changes_nothing(tmp_path):
+    finished = tmp_path / "finished"
+    assert _run(*_tiny_run_args(finished)).returncode == 0
+    summary = (finished / "summary.json").read_bytes()
+    again = _run(*_tiny_run_args(finished))
+    assert again.returncode == 2 and "already holds a finished run" in again.stderr
+    assert "Traceback" not in again.stderr and (finished / "summary.json").read_bytes() == summary
+    resumed = _run("train", "--resume", str(finished))
+    assert resumed.returncode == 2 and "finished already" in resumed.stderr
+
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "checkpoints" / "rollout-000001").mkdir(parents=True)
+    (unfinished / "checkpoints" / "rollout-000001" / "state.json").write_text("{}")
+    refused = _run(*_tiny_run_args(unfinished))
+    assert refused.returncode == 2 and f"--resume {unfinished}" in refused.stderr
+    assert sorted(p.name for p in unfinished.rglob("*")) == ["checkpoints", "rollout-000001", "state.json"]
+
+
+def test_train_seed_sets_the_runs_random_draws(tmp_path):
+    """--seed reaches the run: written in its config, and another seed draws other rollouts (rewards)."""
+    import json
+
+    rows = {}
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        out = tmp_path / name
+        assert _run(*_tiny_run_args(out), "--seed", seed).returncode == 0
+        assert load_config(out / "config.toml").seed == int(seed)
+        rows[name] = [json.loads(line)["reward_mean"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows["a"] == rows["b"] and rows["a"] != rows["c"]
+
+
+def test_sample_with_an_adapter_draws_the_tuned_models_images(tmp_path):
+    """`gpo-fast sample --adapter RUN` loads the run's adapter: other images than the base's from the same seed,
+    and the images of the run's model (its evaluation's `gpo-fast eval` counterpart is tested above)."""
+    from gpo_fast.train import train
+
+    cfg = ["eval.samples=10", "eval.steps=1", "eval.every=0", "train.rollouts=2", "train.inner_updates=1",
+           "rollout.prompts=2", "rollout.group_size=4", "rollout.steps=2", "train.lr=0.05", 'log.report_to=["none"]']
+    run = tmp_path / "run"
+    train(load_config(overrides=[*cfg, f'out="{run}"']), log=lambda *a: None)
+    pictures = {}
+    for name, extra in (("base", []), ("tuned", ["--adapter", str(run)]), ("again", ["--adapter", str(run / "adapter")])):
+        out = _run("sample", "--prompt", "three dots", "--n", "2", "--steps", "4", "--out", str(tmp_path / name), *extra)
+        assert out.returncode == 0, out.stderr
+        pictures[name] = [p.read_bytes() for p in sorted((tmp_path / name).glob("*.png"))]
+    assert len(pictures["base"]) == 2 and pictures["tuned"] != pictures["base"]
+    assert pictures["again"] == pictures["tuned"]  # the run folder and its adapter folder load the same
+
+
+def test_prompts_words_uses_the_given_list_and_a_missing_list_is_one_sentence(tmp_path):
+    words = tmp_path / "words.txt"
+    words.write_text("\n".join(["garden", "river", "stone", "cloud", "amber", "maple", "north", "quiet"]) + "\n")
+    out = tmp_path / "text.jsonl"
+    done = _run("prompts", "text", "--words", str(words), "--out", str(out), "--eval-fraction", "0.25",
+                "--val-fraction", "0.125")
+    assert done.returncode == 0, done.stderr
+    targets = {split: {p.target for p in load_prompts(out, split=split)} for split in ("train", "val", "eval")}
+    assert set().union(*targets.values()) == set(words.read_text().split())  # these words, no shipped one
+    assert len(targets["eval"]) == 2 and len(targets["val"]) == 1 and len(targets["train"]) == 5
+    missing = _run("prompts", "text", "--words", str(tmp_path / "none.txt"), "--out", str(tmp_path / "x.jsonl"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr

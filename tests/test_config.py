@@ -36,6 +36,16 @@ def test_overrides_take_toml_values_and_bare_words_as_strings():
     (["seed=7", "eval.seed=6"], "the validation seed"),
     (["data.eval_fraction=0.5", "data.val_fraction=0.5"], "must be below 1"),
     (['model.attention="xformers"', "lora.enabled=false"], "cannot run a full fine-tune"),
+    (['model.kind="sd3"', 'data.prompts="counting"', 'reward.kind="yolo-count"', 'model.quantize="nf4"',
+      "lora.enabled=false"], "set lora.enabled = true"),  # a quantized base trains only a LoRA
+    (['model.kind="sd3"', 'data.prompts="counting"', 'reward.kind="yolo-count"', "model.resolution=520"],
+     "model.resolution must be a multiple of 16; got 520"),
+    (['model.kind="sd3"', 'data.prompts="counting"', 'reward.kind="composite"', "reward.weights={yolo-count=1,clip=1}"],
+     "unknown reward 'clip'"),
+    (['model.kind="sd3"', 'data.prompts="counting"', 'reward.kind="composite"',
+      "reward.weights={yolo-count=1,ocr-text=-0.5}"], "must be finite and >= 0"),
+    (['model.kind="sd3"', 'data.prompts="counting"', 'reward.kind="composite"', "reward.weights={yolo-count=nan}"],
+     "must be finite and >= 0"),
 ])
 def test_a_bad_value_is_one_config_error_naming_the_key(overrides, needle):
     with pytest.raises(ConfigError) as info:

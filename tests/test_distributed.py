@@ -4,6 +4,7 @@ which `accelerate launch --multi_gpu` wraps on GPUs (accelerate's own --cpu mode
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -315,3 +316,36 @@ def test_a_run_in_two_processes_evaluates_and_validates_as_one_process(tmp_path)
     val = [[json.loads(line)["val_accuracy"] for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
            for r in ("one", "two")]
     assert len(val[0]) == 2 and val[1] == val[0]
+
+
+def test_a_rollout_that_does_not_split_into_whole_groups_per_process_is_refused(tmp_path, monkeypatch):
+    """Three processes and 4 prompts: refused in one sentence before anything is written (each process takes
+    whole groups)."""
+    import gpo_fast.train as train_module
+    from gpo_fast.config import load_config
+    from gpo_fast.distributed import Dist
+    from gpo_fast.errors import InputError
+
+    three = Dist()
+    three.world, three.rank = 3, 0
+    monkeypatch.setattr(train_module.Dist, "from_env", classmethod(lambda cls: three))
+    config = load_config(overrides=["rollout.prompts=4", f'out="{tmp_path / "run"}"'])
+    with pytest.raises(InputError, match=re.escape("rollout.prompts (4) must be a multiple of the number of "
+                                                   "processes (3)")):
+        train_module.setup(config, lambda *a: None, None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_fewer_eval_samples_than_processes_is_refused(tmp_path, monkeypatch):
+    import gpo_fast.train as train_module
+    from gpo_fast.config import load_config
+    from gpo_fast.distributed import Dist
+    from gpo_fast.errors import InputError
+
+    many = Dist()
+    many.world, many.rank = 16, 0
+    monkeypatch.setattr(train_module.Dist, "from_env", classmethod(lambda cls: many))
+    config = load_config(overrides=["rollout.prompts=16", "eval.samples=10", f'out="{tmp_path / "run"}"'])
+    with pytest.raises(InputError, match=re.escape("eval.samples (10) must be at least the number of processes (16)")):
+        train_module.setup(config, lambda *a: None, None)
+    assert not (tmp_path / "run").exists()

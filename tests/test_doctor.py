@@ -63,7 +63,12 @@ def test_a_check_that_raises_is_a_failed_line_and_the_others_still_run(monkeypat
     monkeypatch.setattr(doctor, "_cuda", broken)
     c = _by_name(doctor.checks())
     assert c["cuda"].ok is False and "simulated driver fault" in c["cuda"].detail and c["cuda"].fix
-    assert c["kernels"].ok is not False and c["disk"].ok is not None  # the lines after it are still there
+    # the lines after it are still there, each in its own state: the kernels interpreted here (the tests' conftest),
+    # native on a GPU; the disk's free space measured
+    import torch
+
+    assert c["kernels"].ok is (True if torch.cuda.is_available() else None) and "triton" in c["kernels"].detail
+    assert isinstance(c["disk"].ok, bool) and "GiB free here" in c["disk"].detail
 
 
 def test_optional_packages_missing_are_lines_and_exit_0(monkeypatch, capsys):

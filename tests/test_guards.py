@@ -83,6 +83,8 @@ def test_a_failed_reward_excludes_its_member_and_is_counted(monkeypatch, tmp_pat
                for r in seen)
     assert result.summary["steps"] == 3
     assert all(torch.isfinite(p).all() for p in result.model.trainable_parameters())
+    lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]  # zero at the start
+    assert lora_b and max(p.abs().max().item() for p in lora_b) > 1e-5  # the other members still trained it
 
 
 def test_the_bad_update_streak_continues_across_a_resume(monkeypatch, tmp_path):

