@@ -3,16 +3,19 @@
 # run twice in a quarter of an hour. Every step has its own budget and none runs past the limit: the steps come
 # most important first, and the last ones are cut or skipped when time runs out (said in the log, status 1).
 # Each benchmark writes its rows as it measures them, so a step cut short keeps what it measured.
-#   1. the parity tests on CUDA (the Triton kernels compiled natively, against the PyTorch reference,
-#      CUDA-graph capture included),
+#   1. the parity tests on CUDA (the Triton kernels compiled natively, against the PyTorch reference and the
+#      independent formulas of tests/test_numerics.py, CUDA-graph capture included),
 #   2. the step benchmark, quick grid (benchmarks/bench_step.py --quick: one GPO update of the SD3.5-M
 #      transformer at 512 px, G = 8, bf16 and nf4 base, LoRA; gpo-fast's step vs the eager one, and
 #      gpo-fast plan's planned peak beside torch.cuda.max_memory_allocated: commit the ratio),
-#   3. the rollout benchmark (benchmarks/bench_rollout.py: images/s of one group of 8 at 512 px, 10 steps,
+#   3. the cuda-marked tests (pytest -m cuda, tests/test_cuda.py and beside it: nf4 and int8 bases loaded through
+#      SD3Model.from_pretrained and training a LoRA, T5 in 8 bits, xformers against SDPA, the CUDA-graph capture
+#      of the loss, the planned update peak against torch.cuda.max_memory_allocated, the overlap worker's device
+#      and stream, a scored rollout keeping no decoded image on the GPU),
+#   4. the rollout benchmark (benchmarks/bench_rollout.py: images/s of one group of 8 at 512 px, 10 steps,
 #      CFG 4.5, the trainer's sampler vs StableDiffusion3Pipeline.__call__ on the same model, latents and
 #      decoded images), then a scored rollout of 2 prompts x 8 with the counting reward (YOLO from its yaml)
 #      scored in line and overlapped with sampling (rollout.overlap_scoring); skipped without ultralytics,
-#   4. the cuda-marked tests (pytest -m cuda: the overlap worker's device and stream, and the others marked so),
 #   5. the kernel benchmark (benchmarks/bench_kernels.py: triton vs eager vs torch.compile; no new shape
 #      after 25 s, its summary and plots written even when its budget stops it),
 #   6. the compiled denoiser (model.compile = true) against eager: the same sampler's latents, the first compiled
@@ -67,10 +70,10 @@ step() {
   XDIST=""
   "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 4"  # the parity tests compile ~75 kernels: in parallel
   timeout -k 2 15 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-  step "parity tests on CUDA" 100 "$PY" -m pytest -q -p no:cacheprovider $XDIST tests/test_kernels.py tests/test_objective.py
+  step "parity tests on CUDA" 100 "$PY" -m pytest -q -p no:cacheprovider $XDIST tests/test_kernels.py tests/test_objective.py tests/test_numerics.py
   step "step benchmark (quick), the planned peak beside the measured one" 110 "$PY" benchmarks/bench_step.py --quick --steps 3
+  step "cuda-marked tests" 60 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/
   step "rollout benchmark, scored" 70 "$PY" benchmarks/bench_rollout.py --repeats 3 --outputs latent images scored --prompts 2
-  step "cuda-marked tests" 45 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/
   step "kernel benchmark" 50 "$PY" benchmarks/bench_kernels.py --budget-s 25
   step "compiled denoiser" 70 "$PY" benchmarks/bench_rollout.py --repeats 2 --outputs compiled
   echo "== gpu_check done in $((SECONDS - START)) s, status $status"

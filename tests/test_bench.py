@@ -200,6 +200,6 @@ def test_the_gpu_check_never_runs_past_its_limit_and_says_what_it_skipped(tmp_pa
     log = (tmp_path / "gpu_check.log").read_text()
     assert out.returncode == 1 and took < 20
     assert "== parity tests on CUDA (at most" in log
-    for later in ("step benchmark", "rollout benchmark", "cuda-marked tests", "kernel benchmark", "compiled denoiser"):
+    for later in ("step benchmark", "cuda-marked tests", "rollout benchmark", "kernel benchmark", "compiled denoiser"):
         assert f"== {later}" in log and "skipped, the 14 s limit is reached" in log.split(f"== {later}")[1].splitlines()[0]
     assert "gpu_check done" in log

@@ -254,6 +254,7 @@ def test_sample_mse_bad_arguments():
         gpo_fast.sample_mse(torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 3, dtype=torch.float64))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_capture_no_host_sync():
     """The forward and backward are capturable: no .item(), no data-dependent Python branch."""
