@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gpo_fast.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,6 +185,7 @@ def test_the_toy_ceiling_puts_each_prompt_beside_its_captions(tmp_path, capsys):
     assert "summary.json does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_gpu_check_never_runs_past_its_limit_and_says_what_it_skipped(tmp_path):
     """benchmarks/gpu_check.sh with a stand-in python whose every step hangs: the first step is cut at the
     limit, the rest are skipped and named, the status is 1, and the script ends within its limit."""

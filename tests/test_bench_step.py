@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_bench_step_tiny_rows_and_parity(tmp_path):
     out = tmp_path / "step.csv"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--tiny", "--group-sizes", "4",
@@ -32,6 +33,7 @@ def test_bench_step_tiny_rows_and_parity(tmp_path):
     assert abs(ours - eager) <= 1e-3 * abs(eager)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="on a GPU machine the benchmark runs")
 def test_bench_step_without_a_gpu_says_so_and_exits_0(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--csv", str(tmp_path / "s.csv")],
@@ -39,6 +41,7 @@ def test_bench_step_without_a_gpu_says_so_and_exits_0(tmp_path):
     assert run.returncode == 0 and "needs a CUDA GPU" in run.stdout and not (tmp_path / "s.csv").exists()
 
 
+@pytest.mark.slow
 def test_bench_rollout_tiny_matches_the_pipeline(tmp_path):
     out = tmp_path / "rollout.csv"
     env = {**os.environ, "YOLO_CONFIG_DIR": str(tmp_path / "ultralytics")}  # the detector from its yaml, offline
@@ -58,6 +61,7 @@ def test_bench_rollout_tiny_matches_the_pipeline(tmp_path):
     assert float(rows[2]["max_abs_diff"]) <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="on a GPU machine the benchmark runs")
 def test_bench_rollout_without_a_gpu_says_so_and_exits_0(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_rollout.py"), "--csv", str(tmp_path / "r.csv")],
@@ -65,6 +69,7 @@ def test_bench_rollout_without_a_gpu_says_so_and_exits_0(tmp_path):
     assert run.returncode == 0 and "needs a CUDA GPU" in run.stdout and not (tmp_path / "r.csv").exists()
 
 
+@pytest.mark.slow
 def test_the_planned_peak_beside_a_gpu_row_is_the_planners():
     """What gpu_check.sh puts beside each measured row: the planner's update peak for that row, without the VAE;
     an nf4 base plans below a bf16 one by most of the transformer's weights."""

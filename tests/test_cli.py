@@ -19,6 +19,7 @@ def _run(*args):
     return subprocess.run([GPO_FAST, *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["toy", "sd35m-counting", "sd35m-text"])
 def test_config_prints_every_key_and_reloads_to_the_preset(preset, tmp_path):
     out = _run("config", "--preset", preset, "--set", "train.lr=0.002")
@@ -29,11 +30,13 @@ def test_config_prints_every_key_and_reloads_to_the_preset(preset, tmp_path):
     assert load_config(path) == load_config(preset=preset, overrides=["train.lr=0.002"])
 
 
+@pytest.mark.slow
 def test_config_rejects_an_unknown_key_in_one_sentence():
     out = _run("config", "--set", "train.nope=1")
     assert out.returncode == 2 and "train.nope" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_prompts_writes_disjoint_splits_and_refuses_to_overwrite(tmp_path):
     path = tmp_path / "text.jsonl"
     out = _run("prompts", "text", "--out", str(path), "--eval-fraction", "0.25")
@@ -53,6 +56,7 @@ def test_prompts_writes_disjoint_splits_and_refuses_to_overwrite(tmp_path):
     assert again.returncode == 2 and "exists" in again.stderr and path.read_text() == before
 
 
+@pytest.mark.slow
 def test_prompts_counting_respects_the_count_range(tmp_path):
     path = tmp_path / "c.jsonl"
     assert _run("prompts", "counting", "--out", str(path), "--n-min", "2", "--n-max", "4").returncode == 0
@@ -60,6 +64,7 @@ def test_prompts_counting_respects_the_count_range(tmp_path):
     assert ns == {2, 3, 4}
 
 
+@pytest.mark.slow
 def test_eval_of_a_run_reproduces_its_after_accuracy(tmp_path):
     """gpo-fast eval with a run's adapter measures what the run measured on the same seeds."""
     import json
@@ -79,6 +84,7 @@ def test_eval_of_a_run_reproduces_its_after_accuracy(tmp_path):
     assert (tmp_path / "ev" / "grid.png").is_file() and (tmp_path / "ev" / "accuracy.png").is_file()
 
 
+@pytest.mark.slow
 def test_eval_of_a_folder_without_an_adapter_is_one_sentence(tmp_path):
     (tmp_path / "empty").mkdir()
     out = _run("eval", "--adapter", str(tmp_path / "empty"), "--samples", "10", "--set", "eval.steps=1",
@@ -86,6 +92,7 @@ def test_eval_of_a_folder_without_an_adapter_is_one_sentence(tmp_path):
     assert out.returncode == 2 and "no adapter" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_sample_writes_n_images_per_prompt_and_rejects_unknown_prompts(tmp_path):
     out = _run("sample", "--prompt", "three dots", "--prompt", "1 dot", "--n", "3", "--steps", "2",
                "--out", str(tmp_path / "s"))
@@ -163,6 +170,7 @@ def test_vram_auto_without_a_gpu_is_one_sentence_and_the_default_stays_off(monke
     (["--preset", "nope"], "preset"),
     (["does-not-exist.toml"], "does-not-exist.toml"),
 ])
+@pytest.mark.slow
 def test_config_errors_are_one_sentence_exit_2_no_traceback(args, needle, tmp_path):
     out = subprocess.run([GPO_FAST, "train", *args, "--out", str(tmp_path / "r")], capture_output=True, text=True)
     assert out.returncode == 2
@@ -187,6 +195,7 @@ def test_cli_drops_only_the_offline_notice_about_bitsandbytes_cpu_kernel(caplog)
     assert len(messages) == 1 and "someone/other-kernel" in messages[0]
 
 
+@pytest.mark.slow
 def test_toy_pretrain_writes_its_manifest_and_refuses_to_overwrite(tmp_path):
     """`gpo-fast toy pretrain`: model.safetensors and model.json, whose sha256 is the weights' and whose command and
     settings are this run's; a second run into the same folder is refused and leaves the model as it was."""
@@ -214,6 +223,7 @@ def _tiny_run_args(out):
             "eval.samples=10", "--set", "eval.steps=1", "--set", "eval.every=0", "--report-to", "none"]
 
 
+@pytest.mark.slow
 def test_train_refuses_a_folder_holding_a_finished_or_unfinished_run_and_changes_nothing(tmp_path):
     finished = tmp_path / "finished"
     assert _run(*_tiny_run_args(finished)).returncode == 0
@@ -232,19 +242,21 @@ def test_train_refuses_a_folder_holding_a_finished_or_unfinished_run_and_changes
     assert sorted(p.name for p in unfinished.rglob("*")) == ["checkpoints", "rollout-000001", "state.json"]
 
 
+@pytest.mark.slow
 def test_train_seed_sets_the_runs_random_draws(tmp_path):
     """--seed reaches the run: written in its config, and another seed draws other rollouts (rewards)."""
     import json
 
     rows = {}
-    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+    for name, seed in (("a", "1"), ("c", "2")):
         out = tmp_path / name
         assert _run(*_tiny_run_args(out), "--seed", seed).returncode == 0
         assert load_config(out / "config.toml").seed == int(seed)
         rows[name] = [json.loads(line)["reward_mean"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rows["a"] == rows["b"] and rows["a"] != rows["c"]
+    assert rows["a"] != rows["c"]  # (the same seed, the same run: tests/test_resume.py and tests/test_toy.py)
 
 
+@pytest.mark.slow
 def test_sample_with_an_adapter_draws_the_tuned_models_images(tmp_path):
     """`gpo-fast sample --adapter RUN` loads the run's adapter: other images than the base's from the same seed,
     and the images of the run's model (its evaluation's `gpo-fast eval` counterpart is tested above)."""
@@ -263,6 +275,7 @@ def test_sample_with_an_adapter_draws_the_tuned_models_images(tmp_path):
     assert pictures["again"] == pictures["tuned"]  # the run folder and its adapter folder load the same
 
 
+@pytest.mark.slow
 def test_prompts_words_uses_the_given_list_and_a_missing_list_is_one_sentence(tmp_path):
     words = tmp_path / "words.txt"
     words.write_text("\n".join(["garden", "river", "stone", "cloud", "amber", "maple", "north", "quiet"]) + "\n")

@@ -26,6 +26,7 @@ def _script():
     return module
 
 
+@pytest.mark.slow
 def test_every_kernel_compiles_without_spills_for_every_target(tmp_path):
     reason = _script().backend_missing()
     if reason:

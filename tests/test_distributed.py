@@ -36,6 +36,7 @@ def _adapter(run: Path) -> dict:
     return load_file(str(run / "adapter" / "pytorch_lora_weights.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo process groups are tested on Linux")
 @pytest.mark.parametrize("reference_decay, tolerance", [(0.0, 1e-4), (0.95, 1e-3)], ids=["frozen", "moving"])
 def test_two_processes_train_the_weights_of_one(tmp_path, reference_decay, tolerance):
@@ -112,6 +113,7 @@ def _setup():
     return model, x0, prompts, rewards, cfg
 
 
+@pytest.mark.slow
 def test_gradients_summed_over_two_processes_equal_the_one_process_gradient(tmp_path):
     import torch.multiprocessing as mp
 
@@ -143,6 +145,7 @@ app()
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo process groups are tested on Linux")
 def test_an_out_of_memory_error_on_one_rank_is_retried_by_both(tmp_path):
     """Only rank 1 runs out of memory; both ranks redo the update at half the micro-batch (none hangs in the
@@ -200,6 +203,7 @@ app()
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo process groups are tested on Linux")
 def test_a_stop_request_to_one_rank_stops_both_at_the_same_rollout_and_torchrun_resumes_exactly(tmp_path):
     """SIGTERM to rank 1 alone: both ranks agree on the boundary (the state as of the second rollout's start, the
@@ -262,6 +266,7 @@ def _evaluate_in_rank(rank: int, world: int, port: int, out: str) -> None:
     dist.barrier()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo process groups are tested on Linux")
 def test_an_evaluation_shared_by_two_processes_is_the_one_process_evaluation(tmp_path):
     """Each rank samples and scores its share of the fixed seeds (22 and 23 of 45); gathered, both ranks hold the
@@ -292,6 +297,7 @@ def test_an_evaluation_shared_by_two_processes_is_the_one_process_evaluation(tmp
             torch.testing.assert_close(got_tiles.images, tiles.images, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo process groups are tested on Linux")
 def test_a_run_in_two_processes_evaluates_and_validates_as_one_process(tmp_path):
     """Every evaluation of a run (before, each validation, after) shared by two processes, 10 and 11 of 21 samples

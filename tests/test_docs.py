@@ -16,6 +16,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
 
+@pytest.mark.slow
 def test_docs_config_md_is_what_the_command_prints():
     printed = subprocess.run([str(Path(sys.executable).with_name("gpo-fast")), "config", "--markdown"],
                              capture_output=True, text=True, check=True).stdout

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from gpo_fast import doctor
@@ -47,6 +48,7 @@ def test_a_failing_check_is_a_line_with_a_fix_and_main_says_so(monkeypatch):
     assert doctor.main(Console(file=open("/dev/null", "w"))) == 1  # a required package fails
 
 
+@pytest.mark.slow
 def test_doctor_command_exits_0_here(tmp_path):
     out = subprocess.run([str(Path(sys.executable).with_name("gpo-fast")), "doctor"], capture_output=True, text=True,
                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})

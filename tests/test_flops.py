@@ -3,6 +3,7 @@ metrics.jsonl and summary.json."""
 
 import json
 
+import pytest
 import torch
 
 from gpo_fast.config import load_config
@@ -47,6 +48,7 @@ def test_measuring_leaves_no_gradient_and_the_mode_as_it_was():
     assert not model.training and all(p.grad is None for p in model.trainable_parameters())
 
 
+@pytest.mark.slow
 def test_a_run_counts_its_rollouts_updates_and_evaluations(tmp_path):
     """Two rollouts of 2 x 4 images, 2 steps with guidance; updates that cut groups (micro-batch 2 of groups of 4:
     every sample through two forwards and one training pass); validation every rollout."""

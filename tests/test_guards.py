@@ -87,6 +87,7 @@ def test_a_failed_reward_excludes_its_member_and_is_counted(monkeypatch, tmp_pat
     assert lora_b and max(p.abs().max().item() for p in lora_b) > 1e-5  # the other members still trained it
 
 
+@pytest.mark.slow
 def test_the_bad_update_streak_continues_across_a_resume(monkeypatch, tmp_path):
     """Updates 2 and 3 fail, the checkpoint after rollout 3 is resumed, and the first update after it fails
     too: three in a row, as in the uninterrupted run, so the run stops."""

@@ -52,6 +52,7 @@ def test_parity_float32(kernel_device, objective, group_size, shape):
     assert k_grad.abs().max() > 0  # the case is not trivially zero
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("group_size", [128, 256])
 def test_parity_large_groups(kernel_device, objective, group_size):
@@ -282,6 +283,7 @@ def test_cuda_graph_capture_no_host_sync():
     assert torch.equal(captured, eager) and torch.equal(pred.grad, eager_grad)
 
 
+@pytest.mark.slow
 def test_cpu_without_the_interpreter_runs_the_reference():
     """Outside CUDA and TRITON_INTERPRET, gpo_loss and sample_mse are the PyTorch reference (and work)."""
     import os
@@ -389,6 +391,7 @@ def test_interpreter_problem_names_old_triton_with_new_numpy(monkeypatch, triton
     assert kernels.interpreter_problem() is None
 
 
+@pytest.mark.slow
 def test_pytest_stops_with_one_sentence_where_the_interpreter_cannot_run(tmp_path):
     """The whole suite, run where the interpreter cannot work, stops before any test with what to do."""
     import os

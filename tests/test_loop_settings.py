@@ -92,6 +92,7 @@ def test_gradients_are_clipped_to_grad_clip(tmp_path, monkeypatch):
         assert row["grad_norm"] == pytest.approx(before)
 
 
+@pytest.mark.slow
 def test_the_time_budget_stops_after_the_rollout_that_spends_it(tmp_path, monkeypatch):
     """train.time_budget_s: the run stops rolling out after the rollout during which the budget ran out, and
     still validates, keeps and evaluates what it has."""

@@ -52,6 +52,7 @@ def _out_of_memory_above(monkeypatch, limit: int, where: str, model_class=ToyMod
     monkeypatch.setattr(train_module, "rollout", rollout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where, key, start, limit, kept", [
     ("update", "micro_batch", 8, 2, 2),  # 8 -> 4 (one group) -> 2 (below a group: the two-pass path)
     ("rollout", "rollout_batch", 0, 4, 4),  # all 8 at once -> 4
@@ -90,6 +91,7 @@ def tiny_sd3(tmp_path_factory):
     return build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where, key, start, limit, kept", [
     ("update", "micro_batch", 8, 2, 2),
     ("rollout", "rollout_batch", 8, 8, 4),  # the preset's guidance doubles each sampler batch: 16 -> 8 latents

@@ -28,6 +28,7 @@ def _probe(cwd, env=None):
     return out.stdout.splitlines()
 
 
+@pytest.mark.slow
 def test_installed_package_imports_kernels_under_its_namespace(tmp_path):
     kernels_file, top_level, module = _probe(tmp_path)
     assert Path(kernels_file).name == "__init__.py"
@@ -35,6 +36,7 @@ def test_installed_package_imports_kernels_under_its_namespace(tmp_path):
     assert module == "gpo_fast.kernels"
 
 
+@pytest.mark.slow
 def test_wheel_maps_kernels_folder_into_the_package(tmp_path):
     pytest.importorskip("setuptools")
     subprocess.run(
@@ -61,6 +63,7 @@ def _run_in_root(code, env=None):
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_source_root_on_sys_path_does_not_shadow_another_kernels_package(tmp_path):
     # `python -m gpo_fast.cli` from a clone puts the root, and so its kernels/ folder, first on sys.path;
     # transformers imports Hugging Face's `kernels` at model-import time. A stand-in plays that package.
@@ -83,6 +86,7 @@ def test_folder_imported_as_top_level_kernels_says_why(tmp_path):
     assert "import gpo_fast before transformers" in out.stderr
 
 
+@pytest.mark.slow
 def test_console_script_version():
     exe = Path(sys.executable).with_name("gpo-fast")
     out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, check=True)

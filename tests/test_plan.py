@@ -56,6 +56,7 @@ def _real_model(folder, config):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which, phases", [("tiny", ("rollout", "update")), ("mid", ("rollout", "decode", "update"))])
 def test_the_fake_plan_finds_the_live_bytes_and_flops_of_the_real_run(which, phases, request):
     folder = request.getfixturevalue(which)
@@ -69,6 +70,7 @@ def test_the_fake_plan_finds_the_live_bytes_and_flops_of_the_real_run(which, pha
         assert planned.phase(name).holders["weights"] == measured.holders["weights"]
 
 
+@pytest.mark.slow
 def test_what_the_plan_sees_moves_with_the_config(mid):
     """Gradient checkpointing, a smaller micro-batch and nf4 lower the update's peak; micro-batches that cut
     groups cost an extra policy forward (more FLOPs), whole groups do not."""
@@ -114,6 +116,7 @@ def test_live_bytes_counts_blocks_births_and_deaths():
     assert live.by_kind() == {"activations": 512 + 8192} and b.numel() == 100 and c.numel() == 2048
 
 
+@pytest.mark.slow
 def test_a_broken_model_folder_is_one_sentence(tmp_path):
     (tmp_path / "transformer").mkdir()
     (tmp_path / "vae").mkdir()
@@ -161,6 +164,7 @@ def test_the_cuda_rules_are_the_installed_torchs():
     assert CUDA_FP32_SET_OPT_DTYPE_OPS == listed("AT_FORALL_FP32_SET_OPT_DTYPE")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("vram", sorted(VRAM_PRESETS))
 def test_every_vram_preset_of_sd35_medium_plans_under_its_card(vram):
     counting = load_config(preset="sd35m-counting", overrides=VRAM_PRESETS[vram])
@@ -181,6 +185,7 @@ def _cli(*args):
     return subprocess.run([GPO_FAST, "plan", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_the_cli_prints_json_with_the_card_verdict(tiny):
     out = _cli("--set", f'model.path="{tiny}"', "--set", "model.resolution=32", "--set", 'model.t5="off"',
                "--card", "rtx3090", "--json")
@@ -201,6 +206,7 @@ def test_the_cli_prints_json_with_the_card_verdict(tiny):
     (["--set", 'model.path="someone/not-shipped"'], "model.path"),
     (["--preset", "toy"], "SD3-family"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_sentence_exit_2(args, needle):
     out = _cli(*args)
     assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr

@@ -143,6 +143,7 @@ def test_config_rules_for_a_python_reward():
         load_config(preset="sd35m-counting", overrides=['reward.kind="toy-count"'])
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_a_missing_callable_in_one_sentence(tmp_path):
     out = subprocess.run([GPO_FAST, "train", "--set", 'reward.kind="python"', "--set",
                           f'reward.callable="{tmp_path / "nope.py"}:make"', "--out", str(tmp_path / "run")],

@@ -38,6 +38,7 @@ def _stopped_run(run: Path, *sets: str) -> None:
     (run / "summary.json").unlink()
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     full = subprocess.run([GPO_FAST, "train", *ARGS, "--out", str(tmp_path / "full")], capture_output=True,
                           text=True, env=ENV)
@@ -137,11 +138,13 @@ def test_a_corrupted_checkpoint_is_named(tmp_path):
         load_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path):
     out = subprocess.run([GPO_FAST, "train", "--resume", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 2 and "not a run folder" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_change_of_the_math_and_names_the_key(tmp_path):
     run = tmp_path / "run"
     _stopped_run(run, "train.rollouts=2", "eval.every=0")
@@ -188,6 +191,7 @@ def _corrupt(checkpoint: Path) -> None:
     (checkpoint / "tensors.safetensors").write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_resume_passes_over_a_damaged_latest_checkpoint_and_still_ends_exactly(tmp_path):
     run = tmp_path / "run"
     _stopped_run(run, "train.rollouts=4", "eval.every=0", "train.keep_checkpoints=2")  # stopped after rollout 3
@@ -205,6 +209,7 @@ def test_resume_passes_over_a_damaged_latest_checkpoint_and_still_ends_exactly(t
     assert _rows(run) == rows
 
 
+@pytest.mark.slow
 def test_resume_with_every_checkpoint_damaged_says_so(tmp_path):
     run = tmp_path / "run"
     _stopped_run(run, "train.rollouts=3", "eval.every=0")
@@ -217,6 +222,7 @@ def test_resume_with_every_checkpoint_damaged_says_so(tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["damaged-rollout-000001", "damaged-rollout-000002"]
 
 
+@pytest.mark.slow
 def test_a_config_edited_by_hand_since_the_checkpoint_is_refused(tmp_path):
     """The checkpoint carries the config it was written with; a hand edit of config.toml that changes
     the math is caught even though --set was not used."""
@@ -234,6 +240,7 @@ def test_a_config_edited_by_hand_since_the_checkpoint_is_refused(tmp_path):
     assert (run / "config.toml").read_text() == edited  # nothing was rewritten
 
 
+@pytest.mark.slow
 def test_validation_switched_on_at_a_resume(tmp_path):
     """eval.every may change on resume, also from 0 (no best snapshot in the checkpoint) to validating."""
     run = tmp_path / "run"
@@ -243,6 +250,7 @@ def test_validation_switched_on_at_a_resume(tmp_path):
     assert json.loads((run / "summary.json").read_text())["best_rollout"] in (2, 3)
 
 
+@pytest.mark.slow
 def test_resume_latest_skips_finished_runs_and_half_written_checkpoints(tmp_path):
     finished = tmp_path / "runs" / "finished" / "checkpoints" / "rollout-000001"
     finished.mkdir(parents=True)
@@ -256,6 +264,7 @@ def test_resume_latest_skips_finished_runs_and_half_written_checkpoints(tmp_path
     assert "no unfinished run with a checkpoint" in out.stderr
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_the_moving_averages_of_the_weights(tmp_path):
     """train.ema_decay with eval.every = 0 saves the moving average after the last update, and
     train.reference_decay's average is the reference of the updates after the resume: the run ends the same

@@ -129,6 +129,7 @@ def test_yolo_from_yaml_runs_offline(offline):
         reward.measure(images[:1], [counting("unicorn", 1)])
 
 
+@pytest.mark.slow
 def test_scoring_overlapped_with_sampling_on_the_tiny_sd3_gives_the_serial_rewards(offline, tmp_path):
     """A real engine (YOLO from its yaml) scoring a tiny SD3's rollout batch by batch, in a worker thread
     while the next batch is drawn, and in line: the same latents, images, rewards and details."""
@@ -330,6 +331,7 @@ def ocr(offline):
     return reward
 
 
+@pytest.mark.slow
 def test_ocr_reads_rendered_words(ocr):
     words = ["hello", "garden", "planet"]
     res = ocr.measure(torch.stack([render(w) for w in words]), [text_prompt(w) for w in words])

@@ -207,6 +207,7 @@ def test_without_a_scorer_the_rollout_is_three_things_and_one_batch_is_not_threa
     assert len(names) == 1 and not names[0].startswith("gpo-fast-score")
 
 
+@pytest.mark.slow
 def test_dpm_solver_on_the_toy_schedule_comes_closer_to_many_steps_than_euler():
     """rollout.solver = "dpm++2m": the toy's equal-step schedule (diffusers' flow sigmas with no shift start at
     0.999), and 6 second-order steps land nearer 24 Euler steps than 6 Euler steps do, on the shipped model."""

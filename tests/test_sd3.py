@@ -133,6 +133,7 @@ def test_prompt_embeddings_are_cached_on_disk_and_encoders_released(tiny_sd3, tm
     assert len(list(tmp_path.glob("*.safetensors"))) == 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t5", ["off", "full"])
 def test_two_gpo_steps_then_the_pipeline_loads_the_adapter_and_draws_the_same(t5, tiny_sd3, tmp_path, monkeypatch):
     """The SD3.5 preset's loop on the tiny SD3, with T5 as the presets run it ("full") and without: the adapter
@@ -276,6 +277,7 @@ def test_bitsandbytes_paths_without_cuda_are_refused_clearly(tiny_sd3, kw):
 GPO_FAST = str(Path(sys.executable).with_name("gpo-fast"))
 
 
+@pytest.mark.slow
 def test_cli_missing_model_path_exit_2_no_traceback(tmp_path):
     out = subprocess.run([GPO_FAST, "train", "--preset", "sd35m-counting", "--set", 'model.path="/nowhere/sd3"',
                           "--set", 'reward.detector="yolo11n.yaml"', "--out", str(tmp_path / "r")], capture_output=True, text=True,
@@ -285,6 +287,7 @@ def test_cli_missing_model_path_exit_2_no_traceback(tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cli_bad_prompt_line_names_the_line_exit_2(tmp_path):
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"prompt": "a photo of two cats", "task": "counting", "class": "cat", "n": 2}\n'
@@ -297,6 +300,7 @@ def test_cli_bad_prompt_line_names_the_line_exit_2(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_cli_trains_the_tiny_sd3_with_a_yaml_built_yolo(tiny_sd3, tmp_path):
     """The real path end to end: gpo-fast train, an SD3 pipeline folder, YOLO counting (random weights
     from its yaml, so only the plumbing is tested), the built-in counting prompt set."""
@@ -321,6 +325,7 @@ def test_cli_trains_the_tiny_sd3_with_a_yaml_built_yolo(tiny_sd3, tmp_path):
     assert "accuracy before" in out.stdout
 
 
+@pytest.mark.slow
 def test_cli_hub_id_without_network_exit_2_no_traceback(tmp_path):
     out = subprocess.run([GPO_FAST, "train", "--preset", "sd35m-counting", "--set", 'model.path="someone/not-a-model"',
                           "--set", 'reward.detector="yolo11n.yaml"', "--out", str(tmp_path / "r")],
@@ -331,6 +336,7 @@ def test_cli_hub_id_without_network_exit_2_no_traceback(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_cli_missing_detector_weights_exit_2_says_where(tmp_path):
     out = subprocess.run([GPO_FAST, "train", "--preset", "sd35m-counting", "--set",
                           f'reward.detector="{tmp_path / "yolo-missing.pt"}"', "--out", str(tmp_path / "r")],
@@ -340,6 +346,7 @@ def test_cli_missing_detector_weights_exit_2_says_where(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content, needle", [(None, "no such prompt file"), ("\n# only a comment\n", "no prompts")])
 def test_cli_missing_or_empty_prompt_file_exit_2(tmp_path, content, needle):
     path = tmp_path / "prompts.jsonl"
@@ -366,6 +373,7 @@ def test_text_encoders_on_the_cpu_encode_the_same_prompts(tiny_sd3):
     assert torch.equal(a.hidden, b.hidden) and torch.equal(a.pooled, b.pooled)
 
 
+@pytest.mark.slow
 def test_model_compile_compiles_the_denoiser_whole_and_changes_no_output(tiny_sd3, monkeypatch):
     """model.compile: the tiny SD3 with a LoRA adapter compiles as one graph (no graph break) with the adapter on
     and off (the reference), and the compiled forward, and its gradient, are the eager one's."""
@@ -462,6 +470,7 @@ def _sd3_run_config(tiny_sd3, out, *extra):
         'train.optimizer="adamw"', "eval.samples=10", "eval.steps=2", 'log.report_to=["none"]', *extra])
 
 
+@pytest.mark.slow
 def test_a_crashed_sd3_run_resumes_to_the_uninterrupted_result(tiny_sd3, tmp_path, monkeypatch):
     """The SD3.5 preset's loop on the tiny SD3 (T5 on, the warm-up schedule, the final weights kept) dies
     after its second checkpoint; resumed from it, the run ends with the uninterrupted run's adapter and metrics,
@@ -509,6 +518,7 @@ def test_a_crashed_sd3_run_resumes_to_the_uninterrupted_result(tiny_sd3, tmp_pat
         assert resumed[key] == full[key], key
 
 
+@pytest.mark.slow
 def test_a_full_fine_tune_of_sd3_saves_the_transformer_that_eval_and_sample_load(tiny_sd3, tmp_path, monkeypatch):
     """lora.enabled = false on the tiny SD3: the run saves the whole transformer (diffusers' format), and
     `gpo-fast eval --adapter RUN` and `gpo-fast sample --adapter RUN` load it: the tuned images are the trained

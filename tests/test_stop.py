@@ -53,6 +53,7 @@ def uninterrupted(tmp_path_factory):
     return run, summary
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where, name, call, kept", [
     ("sampling", "rollout", 3, 2),  # the third rollout's sampling: the state as of its start (rollout 2's end)
     ("updates", "gpo_update", 5, 3),  # the third rollout's first update: its updates finish, then rollout 3's end

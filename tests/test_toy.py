@@ -109,6 +109,7 @@ def test_unknown_prompt_is_rejected_by_the_toy_model():
         ToyModel().encode_prompts(["six dots"])
 
 
+@pytest.mark.slow
 def test_shipped_base_model_matches_its_manifest_and_draws_clean_dots():
     meta = json.loads((SHIPPED / "model.json").read_text())
     assert hashlib.sha256((SHIPPED / "model.safetensors").read_bytes()).hexdigest() == meta["sha256"]

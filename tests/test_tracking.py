@@ -51,6 +51,7 @@ def _wandb_records(path: Path):
             yield record
 
 
+@pytest.mark.slow
 def test_a_toy_run_reports_its_scalars_config_and_pictures_to_every_tracker(tmp_path):
     run = tmp_path / "run"
     out = subprocess.run([GPO_FAST, "train", "--out", str(run), "--report-to", "tensorboard,wandb,trackio", *TINY],
@@ -108,6 +109,7 @@ def test_report_to_none_writes_metrics_but_no_tracker_files(tmp_path):
     assert not (tmp_path / "run" / "trackers.json").exists()
 
 
+@pytest.mark.slow
 def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path, monkeypatch):
     from gpo_fast.tracking import Trackers
 
@@ -153,6 +155,7 @@ def test_a_tracker_that_cannot_start_is_one_sentence_before_the_first_evaluation
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before the base model's evaluation
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is not None, reason="mlflow is installed here")
 def test_the_cli_names_the_extra_of_a_missing_tracker_and_writes_nothing(tmp_path):
     out = subprocess.run([GPO_FAST, "train", "--out", str(tmp_path / "run"), "--report-to", "mlflow"],
@@ -161,6 +164,7 @@ def test_the_cli_names_the_extra_of_a_missing_tracker_and_writes_nothing(tmp_pat
     assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_an_unknown_tracker_is_refused_by_the_cli_in_one_sentence(tmp_path):
     out = subprocess.run([GPO_FAST, "train", "--out", str(tmp_path / "run"), "--report-to", "wandb,comet"],
                          capture_output=True, text=True)

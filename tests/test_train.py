@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from gpo_fast.config import load_config
@@ -49,6 +50,7 @@ def test_full_fine_tuning_with_checkpointing_trains_against_a_frozen_copy(tmp_pa
     assert moved and all(k.startswith("transformer.") for k in moved)  # the prompt table stays frozen
 
 
+@pytest.mark.slow
 def test_a_run_with_scoring_overlapped_is_the_run_without(tmp_path):
     """rollout.overlap_scoring changes when the rewards are computed, not what they are: the same metrics row
     for row (timings aside) and the same adapter."""
@@ -69,6 +71,7 @@ def test_a_run_with_scoring_overlapped_is_the_run_without(tmp_path):
         assert torch.equal(p, q), name
 
 
+@pytest.mark.slow
 def test_the_moving_average_is_what_validation_scores_and_what_is_kept(tmp_path, monkeypatch):
     """train.ema_decay: the rollouts and updates are those of the run without it (the average is only read), each
     validation scores the average of the weights after the updates so far (decay (1 + n) / (10 + n) up to
@@ -117,6 +120,7 @@ def test_the_moving_average_is_what_validation_scores_and_what_is_kept(tmp_path,
     assert all(torch.equal(a, b) for a, b in zip(kept, seen[averaged.summary["best_rollout"]]))
 
 
+@pytest.mark.slow
 def test_each_rollout_is_validated_once(tmp_path, monkeypatch):
     """Validation runs on the base, then every eval.every rollouts; the end looks again only when the last
     rollout was not validated (a run stopped early by its time budget, or one whose length is no multiple)."""
@@ -167,6 +171,7 @@ def test_rollout_and_eval_solvers_reach_the_sampler_and_the_training_noise_level
     torch.testing.assert_close(schedules[0], ToyModel().schedule(3, "dpm++2m"))
 
 
+@pytest.mark.slow
 def test_a_guidance_free_run_measures_the_base_with_guidance_too(tmp_path, monkeypatch):
     """rollout.cfg_scale = eval.cfg_scale = 1: the base is also evaluated at eval.base_cfg_scale (what a
     guidance-free adapter has to beat), once, shown first in before_after.png and kept through a resume."""

@@ -46,6 +46,7 @@ def _grads(model, micro_batch, objective="gpo"):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("micro_batch", [3, 4], ids=["cutting-groups", "whole-groups"])
 @pytest.mark.parametrize("objective", ["gpo", "gpo-pairs", "dpo"])
 def test_group_exact_micro_batching_gives_the_full_batch_gradient(objective, micro_batch):
@@ -221,6 +222,7 @@ def test_moving_average_decay_with_and_without_warmup(warmup):
         assert average.shadow_params[0][0].item() == pytest.approx(expected, rel=1e-6), n
 
 
+@pytest.mark.slow
 def test_gpo_raises_the_implicit_reward_of_high_reward_samples():
     """-d = f - e: after a few seeded updates the policy explains the winners better than the losers."""
     model = _lora_model(perturb=False)

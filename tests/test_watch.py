@@ -50,6 +50,7 @@ def test_reward_climbing_compares_the_last_rollouts_with_the_first():
     assert not reward_climbing([0.5]) and reward_climbing([float("nan"), 0.1, 0.4])
 
 
+@pytest.mark.slow
 def test_a_reward_that_pays_for_dark_images_sets_the_watch_off(tmp_path):
     """The toy world on a hackable reward (darker is better) at a high lr: the images go black within a few
     rollouts while the reward climbs, and the watch says so (in the log, metrics.jsonl and summary.json)."""
