@@ -11,7 +11,8 @@ How the run equals the one-process run with the same global batch (docs/sd35.md,
   identical without broadcasting them.
 Every evaluation is shared out: each rank samples and scores its contiguous share of the fixed seeds (`part`),
 and the per-sample results are gathered in rank order (`gather_objects`), so every rank gets what one process
-would measure. Rank 0 alone logs and writes the run folder, and keeps the best weights, which it sends to the
+would measure (to the float rounding of other batch sizes); the kept images, for pictures, go to rank 0 alone
+(`gather_to_main`). Rank 0 alone logs and writes the run folder, and keeps the best weights, which it sends to the
 others (`broadcast_from_main`) for the final evaluation.
 """
 
@@ -104,6 +105,16 @@ class Dist:
 
         out = [None] * self.world
         dist.all_gather_object(out, obj)  # NCCL: through the current device, set to this rank's by from_env
+        return out
+
+    def gather_to_main(self, obj) -> list | None:
+        """Every rank's picklable object (tensors on the CPU), in rank order, on rank 0; None on the others."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world if self.is_main else None
+        dist.gather_object(obj, out, dst=0)  # NCCL: through the current device, as gather_objects
         return out
 
     def broadcast_from_main(self, tensors: list[torch.Tensor]) -> None:

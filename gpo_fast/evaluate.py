@@ -13,7 +13,8 @@ prompts) here, or the toy world's ToyEvaluator (gpo_fast.toy.evaluate).
 With several processes (`dist`, gpo_fast.distributed) every rank calls the evaluator: each samples and scores its
 contiguous share of the samples, from the starting noise a one-process evaluation draws for them
 (`noise_of_share`), and the per-sample results are gathered in rank order (`gather_shares`). Every rank gets the
-metrics and tiles of the whole evaluation: those of one process, up to the float rounding of other batch sizes.
+metrics of the whole evaluation: those of one process, up to the float rounding of other batch sizes. The tiles
+(the kept images) go to rank 0 alone (`kept_on_main`); the other ranks get empty ones.
 """
 
 from __future__ import annotations
@@ -106,6 +107,16 @@ def gather_shares(share: dict, dist=None) -> dict:
     return _join(dist.gather_objects(share))
 
 
+def kept_on_main(kept: torch.Tensor | None, dist=None) -> torch.Tensor:
+    """The kept images (the first keep_images samples) of every rank, in order, on rank 0 alone: only it draws
+    pictures, and they are the largest thing an evaluation gathers. The other ranks get none."""
+    if dist is None or dist.world == 1:
+        return kept if kept is not None else torch.zeros(0)
+    parts = dist.gather_to_main(kept)
+    joined = _join(parts) if parts is not None else None
+    return joined if joined is not None else torch.zeros(0)
+
+
 def _join(parts: list):
     parts = [p for p in parts if p is not None]  # None: a rank with nothing of this kind (an empty share)
     if not parts:
@@ -159,7 +170,8 @@ class PromptEvaluator:
                 if self.watch is not None:
                     watched.append(self.watch.measure(imgs, part).reward.float().cpu())
             stats.add(imgs)
-            kept.append(imgs[:max(0, self.keep_images - i)])  # the first keep_images samples of the evaluation
+            if i < self.keep_images:  # the first keep_images samples of the evaluation (a copy: not the batch)
+                kept.append(imgs[:self.keep_images - i].clone())
             rewards.append(scored.reward.float().cpu())
             correct.append(scored.correct.cpu())
         empty = torch.zeros(0)
@@ -168,9 +180,9 @@ class PromptEvaluator:
             "correct": torch.cat(correct) if correct else empty.bool(),
             "watch": torch.cat(watched) if watched else (None if self.watch is None else empty),
             "stats": stats.values(),
-            "kept": torch.cat(kept) if kept else None,  # None: this rank's share is empty
         }, dist)
-        rewards, correct, kept_n = every["reward"], every["correct"], len(every["kept"])
+        tiles = kept_on_main(torch.cat(kept) if kept else None, dist)
+        rewards, correct, kept_n = every["reward"], every["correct"], len(tiles)
         acc = correct.float().mean().item()
         return {
             "n_samples": self.samples,
@@ -180,7 +192,7 @@ class PromptEvaluator:
             "failed": int(rewards.isnan().sum()),
             "image_stats": StatsAccumulator.of(every["stats"]).summary(),
             **({"watch_reward_mean": every["watch"].nanmean().item()} if every["watch"] is not None else {}),
-        }, Tiles(every["kept"], [ask_label(p) for p in chosen[:kept_n]], correct[:kept_n].tolist())
+        }, Tiles(tiles, [ask_label(p) for p in chosen[:kept_n]], correct[:kept_n].tolist())
 
 
 def load_tuned(model, source: Path) -> str:

@@ -163,8 +163,11 @@ class Run:
         return {k: v for k, v in best.items() if k != "state"}
 
     def new_best(self, accuracy: float) -> None:
-        """The trained weights (off the GPU) become the best so far, at this rollout and validation accuracy."""
-        self.state.best = self._kept(_snapshot(self.model, self.state.rollout, accuracy))
+        """The trained weights become the best so far, at this rollout and validation accuracy: copied off the GPU
+        by rank 0 alone (the others record which rollout and accuracy, and get the weights in `finish`)."""
+        st = self.state
+        st.best = (_snapshot(self.model, st.rollout, accuracy) if self.main
+                   else {"rollout": st.rollout, "accuracy": accuracy})
 
     @contextlib.contextmanager
     def averaged(self):

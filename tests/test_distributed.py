@@ -270,7 +270,8 @@ def _evaluate_in_rank(rank: int, world: int, port: int, out: str) -> None:
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo process groups are tested on Linux")
 def test_an_evaluation_shared_by_two_processes_is_the_one_process_evaluation(tmp_path):
     """Each rank samples and scores its share of the fixed seeds (22 and 23 of 45); gathered, both ranks hold the
-    metrics and tiles one process measures: the same counts, rewards, statistics and kept images."""
+    metrics one process measures (the same counts, rewards, statistics) and rank 0 its kept images (30, from both
+    shares)."""
     import torch.multiprocessing as mp
 
     from gpo_fast.toy.model import ToyModel
@@ -283,7 +284,7 @@ def test_an_evaluation_shared_by_two_processes_is_the_one_process_evaluation(tmp
         metrics, tiles = evaluator(model, 5)
         assert 0 < metrics["accuracy"] < 1 and metrics["n_samples"] == 45 and len(tiles) == 30
         for rank in (0, 1):
-            got, got_tiles = shared[rank][name]
+            got = shared[rank][name][0]
             assert got.keys() == metrics.keys()
             for key, value in metrics.items():  # counts exact; means of per-image values to float rounding
                 if key == "image_stats":
@@ -293,8 +294,10 @@ def test_an_evaluation_shared_by_two_processes_is_the_one_process_evaluation(tmp
                     assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (name, key)
                 else:  # sample counts, accuracy and counts per count asked
                     assert got[key] == value, (name, key)
-            assert got_tiles.labels == tiles.labels and got_tiles.correct == tiles.correct
-            torch.testing.assert_close(got_tiles.images, tiles.images, rtol=1e-4, atol=1e-5)
+        got_tiles, spare = shared[0][name][1], shared[1][name][1]  # the kept images go to rank 0 alone
+        assert got_tiles.labels == tiles.labels and got_tiles.correct == tiles.correct
+        torch.testing.assert_close(got_tiles.images, tiles.images, rtol=1e-4, atol=1e-5)
+        assert len(spare) == 0 and spare.labels == []
 
 
 @pytest.mark.slow

@@ -53,3 +53,4 @@ def test_batches_keep_the_first_images_and_count_failed_rewards():
 def test_a_folder_without_an_adapter_or_a_model_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="holds no adapter"):
         load_tuned(ToyModel(), tmp_path)
+

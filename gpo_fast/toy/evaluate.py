@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from gpo_fast.evaluate import Tiles, gather_shares, noise_of_share, share_of
+from gpo_fast.evaluate import Tiles, gather_shares, kept_on_main, noise_of_share, share_of
 from gpo_fast.language import Prompt
 from gpo_fast.models.base import DiffusionModel
 from gpo_fast.sampling import sample
@@ -86,7 +86,7 @@ class ToyEvaluator:
 
     def __call__(self, model: DiffusionModel, seed: int, dist=None) -> tuple[dict, Tiles]:
         """With `dist`, this rank's share of the samples (gpo_fast.evaluate): the noise of one process's evaluation
-        (drawn at once for all samples), the counts and statistics gathered in rank order."""
+        (drawn at once for all samples), the counts and statistics gathered in rank order, the tiles on rank 0."""
         prompts = toy_eval_prompts(self.samples)
         mine = share_of(self.samples, dist)
         noise = noise_of_share(model.latent_shape, self.samples, self.samples, seed, mine)
@@ -101,13 +101,13 @@ class ToyEvaluator:
             asked = [Prompt(text=t, task="toy", n=count_in_prompt(t)) for t in prompts[mine]]
             watch = self.watch.measure(images, asked).reward.float().cpu()
         every = gather_shares({"strict": count_dots(images), "lenient": count_dots(images, min_size=LENIENT_MIN_SIZE),
-                               "stats": stats.values(), "watch": watch,
-                               "kept": images[:max(0, self.keep_images - mine.start)]}, dist)
+                               "stats": stats.values(), "watch": watch}, dist)
+        first = max(0, self.keep_images - mine.start)  # of the first keep_images samples, this share's (a copy)
+        kept = kept_on_main(images[:first].clone() if first else None, dist)
         metrics = toy_metrics(every["strict"], every["lenient"])
         metrics["image_stats"] = StatsAccumulator.of(every["stats"]).summary()
         if every["watch"] is not None:
             metrics["watch_reward_mean"] = every["watch"].nanmean().item()
-        kept = every["kept"]
         wanted = [count_in_prompt(t) for t in prompts[:len(kept)]]
         right = (every["strict"][:len(kept)] == torch.tensor(wanted, dtype=torch.long)).tolist()  # the strict counter
         return metrics, Tiles(kept, [str(n) for n in wanted], right)
