@@ -87,11 +87,6 @@ class Dist:
             return torch.device("cuda", self.local_rank)
         return requested
 
-    def shard(self, n: int) -> slice:
-        """This rank's contiguous share of n items (n divisible by world)."""
-        k = n // self.world
-        return slice(self.rank * k, (self.rank + 1) * k)
-
     def part(self, n: int) -> slice:
         """This rank's contiguous share of n items, for any n: rank r of w takes [r n // w, (r + 1) n // w), so the
         shares differ by one at most and, in rank order, are the n items in order."""

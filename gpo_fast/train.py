@@ -377,7 +377,7 @@ def begin(run: Run, resume: Path | None) -> None:
 def sample_and_score(run: Run) -> Batch:
     """This rank's groups of one rollout, drawn by the current policy and scored."""
     ro, gen = run.config.rollout, run.state.generator
-    mine = run.dist.shard(ro.prompts)
+    mine = run.dist.part(ro.prompts)  # whole groups: prompts divide by the process count (setup)
     # every process draws the global prompts and noise (same generator), then keeps its groups
     idx = torch.randint(0, len(run.task.train_prompts), (ro.prompts,), generator=gen)
     noise = torch.randn((ro.prompts * ro.group_size, *run.model.latent_shape), generator=gen)

@@ -36,18 +36,35 @@ def _adapter(run: Path) -> dict:
     return load_file(str(run / "adapter" / "pytorch_lora_weights.safetensors"))
 
 
+def _run(*command) -> subprocess.CompletedProcess:
+    """A command with one torch thread per process (two processes share the cores)."""
+    return subprocess.run([str(c) for c in command], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+
+def _one(*args) -> subprocess.CompletedProcess:
+    """`gpo-fast ARGS` in one process."""
+    return _run(BIN / "gpo-fast", *args)
+
+
+def _two(*command) -> subprocess.CompletedProcess:
+    """Two gloo processes under torchrun: a script or `-m gpo_fast.cli`, then its arguments."""
+    return _run(BIN / "torchrun", "--nproc_per_node", "2", "--master_port", _free_port(), *command)
+
+
+def _cli_script(patch: str) -> str:
+    """A script for torchrun: `patch` (Python source applied first), then gpo-fast's CLI on its arguments."""
+    return patch + 'import sys\nfrom gpo_fast.cli import app\nsys.argv[0] = "gpo-fast"\napp()\n'
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo process groups are tested on Linux")
 @pytest.mark.parametrize("reference_decay, tolerance", [(0.0, 1e-4), (0.95, 1e-3)], ids=["frozen", "moving"])
 def test_two_processes_train_the_weights_of_one(tmp_path, reference_decay, tolerance):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [*ARGS, "--set", f"train.reference_decay={reference_decay}"]
-    one = subprocess.run([str(BIN / "gpo-fast"), "train", *args, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env)
+    one = _one("train", *args, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                          "-m", "gpo_fast.cli", "train", *args, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env)
+    two = _two("-m", "gpo_fast.cli", "train", *args, "--out", str(tmp_path / "two"))
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
     assert a.keys() == b.keys()
@@ -131,7 +148,7 @@ def test_gradients_summed_over_two_processes_equal_the_one_process_gradient(tmp_
         assert torch.equal(c, b)  # the buckets sum the same numbers
 
 
-INJECT = '''import os, sys, torch
+INJECT = _cli_script('''import os, torch
 from gpo_fast.toy.model import ToyModel
 real = ToyModel.predict
 def predict(self, latents, sigmas, embeds):  # rank 1 alone runs out of memory above 2 samples in a training pass
@@ -139,10 +156,7 @@ def predict(self, latents, sigmas, embeds):  # rank 1 alone runs out of memory a
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected on rank 1)")
     return real(self, latents, sigmas, embeds)
 ToyModel.predict = predict
-from gpo_fast.cli import app
-sys.argv[0] = "gpo-fast"
-app()
-'''
+''')
 
 
 @pytest.mark.slow
@@ -150,19 +164,15 @@ app()
 def test_an_out_of_memory_error_on_one_rank_is_retried_by_both(tmp_path):
     """Only rank 1 runs out of memory; both ranks redo the update at half the micro-batch (none hangs in the
     gradient all-reduce) and the run ends with the weights of one process started at that size."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     (tmp_path / "inject.py").write_text(INJECT)
     args = [a if a != "train.micro_batch=3" else "train.micro_batch=4" for a in ARGS]
-    two = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                          str(tmp_path / "inject.py"), "train", *args, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env, timeout=300)
+    two = _two(str(tmp_path / "inject.py"), "train", *args, "--out", str(tmp_path / "two"))
     assert two.returncode == 0, two.stderr[-3000:]
     assert "out of GPU memory at train.micro_batch = 4" in two.stdout + two.stderr
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["micro_batch"] for r in rows] == [2, 2]
-    one = subprocess.run([str(BIN / "gpo-fast"), "train", *[a if a != "train.micro_batch=3" else "train.micro_batch=2"
-                                                           for a in ARGS], "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env)
+    one = _one("train", *[a if a != "train.micro_batch=3" else "train.micro_batch=2" for a in ARGS],
+               "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
     assert a.keys() == b.keys()
@@ -188,7 +198,7 @@ def test_the_collective_timeout_is_explicit_and_set_by_its_variable(monkeypatch)
             timeout()
 
 
-STOP_ON_RANK_1 = '''import os, signal, sys
+STOP_ON_RANK_1 = _cli_script('''import os, signal
 import gpo_fast.train as train_module
 real, calls = train_module.sample_and_score, []
 def sample_and_score(run):  # rank 1 alone is asked to stop, while it samples its second rollout
@@ -197,10 +207,7 @@ def sample_and_score(run):  # rank 1 alone is asked to stop, while it samples it
         os.kill(os.getpid(), signal.SIGTERM)
     return real(run)
 train_module.sample_and_score = sample_and_score
-from gpo_fast.cli import app
-sys.argv[0] = "gpo-fast"
-app()
-'''
+''')
 
 
 @pytest.mark.slow
@@ -211,23 +218,18 @@ def test_a_stop_request_to_one_rank_stops_both_at_the_same_rollout_and_torchrun_
     two-process run, bit for bit."""
     from gpo_fast.stop import STOPPED_EXIT_CODE
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     (tmp_path / "stop.py").write_text(STOP_ON_RANK_1)
     args = [*ARGS, "--set", "train.rollouts=3"]
 
-    def torchrun(*command):
-        return subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                               *command], capture_output=True, text=True, env=env, timeout=300)
-
-    stopped = torchrun(str(tmp_path / "stop.py"), "train", *args, "--out", str(tmp_path / "stopped"))
+    stopped = _two(str(tmp_path / "stop.py"), "train", *args, "--out", str(tmp_path / "stopped"))
     said = stopped.stdout + stopped.stderr
     assert stopped.returncode != 0 and f"exitcode  : {STOPPED_EXIT_CODE}" in said, said[-3000:]
     assert "stopped on request (SIGTERM) with rollout 1 of 3" in said  # rank 1's sentence
     assert "stopped on request (another process) with rollout 1 of 3" in said  # rank 0 agreed on the same boundary
     assert [p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()] == ["rollout-000001"]
-    resumed = torchrun("-m", "gpo_fast.cli", "train", "--resume", str(tmp_path / "stopped"))
+    resumed = _two("-m", "gpo_fast.cli", "train", "--resume", str(tmp_path / "stopped"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    full = torchrun("-m", "gpo_fast.cli", "train", *args, "--out", str(tmp_path / "full"))
+    full = _two("-m", "gpo_fast.cli", "train", *args, "--out", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr[-3000:]
 
     def rows(run):
@@ -306,16 +308,12 @@ def test_a_run_in_two_processes_evaluates_and_validates_as_one_process(tmp_path)
     """Every evaluation of a run (before, each validation, after) shared by two processes, 10 and 11 of 21 samples
     each: the same accuracies as one process, the same best rollout, and the final evaluation of the kept weights,
     which rank 0 alone holds and sends to rank 1."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     kept = [x for flag, value in zip(ARGS[::2], ARGS[1::2]) if not value.startswith("eval.") for x in (flag, value)]
     args = [*kept, "--set", "eval.every=1", "--set", "eval.samples=21", "--set", "eval.steps=6", "--set",
             "eval.cfg_scale=2"]
-    one = subprocess.run([str(BIN / "gpo-fast"), "train", *args, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env)
+    one = _one("train", *args, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                          "-m", "gpo_fast.cli", "train", *args, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env)
+    two = _two("-m", "gpo_fast.cli", "train", *args, "--out", str(tmp_path / "two"))
     assert two.returncode == 0, two.stderr[-3000:]
     summaries = [json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two")]
     assert 0 < summaries[0]["accuracy_before"] < 1 and summaries[0]["accuracy_after"] > 0
